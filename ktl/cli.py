@@ -1,0 +1,216 @@
+"""The ``ktl`` command line: run federations, build partitions, list what exists."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="ktl: federated learning across heterogeneous data and models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fl_core.algorithms import AlgorithmError
+    from fl_core.config import ConfigError
+    from fl_core.data import DataError
+    from fl_core.models import ModelError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, ModelError, AlgorithmError]
+    try:
+        from generators.base import GeneratorError
+
+        errors.append(GeneratorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear paragraph to stderr and exit, no traceback."""
+    text = textwrap.fill(str(message), width=100, break_long_words=False, break_on_hyphens=False)
+    err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from fl_core.config import load_config
+
+    path = config if config is not None else DEFAULT_CONFIG
+    return load_config(path, overrides or [])
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a config key, e.g. --set federation.rounds=5"),
+]
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config (default: configs/default.yaml)")
+    ] = None,
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run a federated experiment and write config, metrics, summary and curves to --out."""
+    from fl_core.engine import run as run_federation
+
+    try:
+        cfg = _load(config, set_)
+        if out is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = Path("runs") / f"{stamp}-{cfg.algorithm.name}"
+        console.print(
+            f"[bold]ktl run[/] {cfg.algorithm.name} on {cfg.data.dataset} "
+            f"({cfg.data.partition}, {cfg.data.num_clients} clients), model {cfg.model.name}, "
+            f"{cfg.federation.rounds} rounds -> {out}",
+            highlight=False,
+        )
+        progress = Progress(
+            TextColumn("[bold blue]round"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet,
+        )
+        with progress:
+            task = progress.add_task("rounds", total=cfg.federation.rounds, status="loading data")
+
+            def on_round(rnd: int, rec) -> None:
+                status = progress.tasks[task].fields["status"]
+                if rec is not None:
+                    m = rec.metrics
+                    status = (
+                        f"acc {m['test_acc']:.4f}  loss {m.get('train_loss', float('nan')):.4f}"
+                    )
+                progress.update(task, completed=rnd, status=status)
+
+            result = run_federation(cfg, out_dir=out, on_round=on_round)
+    except _user_errors() as e:
+        fail(str(e))
+    s = result.summary()
+    console.print(
+        f"best test acc {s['best_test_acc']:.4f}, final {s['final_test_acc']:.4f}, "
+        f"{s['rounds']} rounds, {s['seconds_per_round']:.2f} s/round; wrote {out}",
+        highlight=False,
+    )
+
+
+@app.command()
+def partition(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config (its data section is used)")
+    ] = None,
+    set_: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="folder to write the dataset to")
+    ] = None,
+) -> None:
+    """Partition a dataset into clients, print a per-client table, and save it with a manifest."""
+    from fl_core.data.federated import build_federated_dataset
+    from fl_core.data.report import client_table
+
+    try:
+        cfg = _load(config, set_)
+        ds = build_federated_dataset(cfg.data, seed=cfg.seed)
+        if out is None:
+            out = (
+                Path("runs")
+                / "partitions"
+                / (
+                    f"{cfg.data.dataset}-{cfg.data.partition}-{cfg.data.num_clients}c-seed{cfg.seed}"
+                )
+            )
+        console.print(client_table(ds))
+        ds.save(out)
+    except _user_errors() as e:
+        fail(str(e))
+    console.print(f"wrote {out} (manifest.json + tensors)", highlight=False)
+
+
+list_app = typer.Typer(help="List registered algorithms, models, model groups, datasets.")
+app.add_typer(list_app, name="list")
+
+
+def _print_mapping(title: str, mapping: dict[str, str]) -> None:
+    table = Table(title=title, show_lines=False)
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for k, v in mapping.items():
+        table.add_row(k, v)
+    console.print(table)
+
+
+@list_app.command("algorithms")
+def list_algorithms_cmd() -> None:
+    """Registered FL algorithms."""
+    from fl_core.algorithms import list_algorithms
+
+    _print_mapping("algorithms", list_algorithms())
+
+
+@list_app.command("models")
+def list_models_cmd() -> None:
+    """Registered model architectures."""
+    from fl_core.models import list_models
+
+    _print_mapping("models", list_models())
+
+
+@list_app.command("groups")
+def list_groups_cmd() -> None:
+    """Heterogeneous model groups (client i gets entry i mod the group's size)."""
+    from fl_core.models.groups import list_groups
+
+    _print_mapping("model groups", {k: ", ".join(v) for k, v in list_groups().items()})
+
+
+@list_app.command("datasets")
+def list_datasets_cmd() -> None:
+    """Data sources a config's data.dataset may name."""
+    from fl_core.data import list_sources
+
+    _print_mapping("datasets", list_sources())
+
+
+def _mount_generators() -> None:
+    try:
+        from ktl.cli_generators import app as generators_app
+    except ImportError:  # pragma: no cover - generators are part of the package
+        return
+    app.add_typer(generators_app, name="generators")
+
+
+_mount_generators()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,258 @@
+"""Engine, algorithms, config and CLI: behaviour that could fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fl_core.algorithms import get_algorithm, message_nbytes
+from fl_core.algorithms.common import weighted_average
+from fl_core.config import ConfigError, build_config, load_config
+from fl_core.engine import ClientStateStore, Federation, run
+from fl_core.engine.metrics import micro_auc
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def synthetic_config(**over) -> dict:
+    cfg = {
+        "seed": 3,
+        "data": {
+            "dataset": "synthetic",
+            "partition": "dir",
+            "alpha": 0.5,
+            "num_clients": 6,
+            "source_options": {"num_samples": 900, "num_classes": 4, "image_size": 12},
+        },
+        "model": {"name": "mlp", "feature_dim": 32},
+        "algorithm": {"name": "fedavg"},
+        "federation": {
+            "rounds": 4,
+            "local_epochs": 5,
+            "batch_size": 16,
+            "lr": 0.05,
+            "eval_every": 1,
+        },
+    }
+    for key, value in over.items():
+        section, _, field = key.partition(".")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def test_weighted_average_matches_hand_computation():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    avg = weighted_average([(a, 1), (b, 3)])
+    assert torch.allclose(avg["w"], torch.tensor([2.5, 5.0]))
+    assert int(avg["n"]) == 5  # integer counters take the max
+
+
+def test_micro_auc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import label_binarize
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, 4, generator=g), 1)
+    probs[:5] = probs[0]  # ties
+    labels = torch.randint(0, 4, (50,), generator=g)
+    ours = micro_auc(probs, labels, 4)
+    ref = roc_auc_score(
+        label_binarize(labels.numpy(), classes=range(4)), probs.numpy(), average="micro"
+    )
+    assert ours == pytest.approx(ref, abs=1e-9)
+
+
+def test_state_store_spills_to_disk_and_reads_back(tmp_path):
+    store = ClientStateStore(memory_budget=3000)
+    states = {i: {"w": torch.full((200,), float(i))} for i in range(10)}  # 800 bytes each
+    for i, s in states.items():
+        store.put(i, s)
+    assert store.memory_bytes <= 3000
+    assert store.spills > 0 and len(store) == 10
+    for i in range(10):
+        assert torch.equal(store.get(i)["w"], states[i]["w"])
+    assert store.get(99) == {}
+    store.close()
+
+
+def test_fedavg_learns_and_is_deterministic(tmp_path):
+    cfg = build_config(synthetic_config())
+    r1 = run(cfg, out_dir=tmp_path / "a")
+    r2 = run(cfg, out_dir=tmp_path / "b")
+    accs1 = [h.metrics["test_acc"] for h in r1.history]
+    accs2 = [h.metrics["test_acc"] for h in r2.history]
+    assert accs1 == accs2
+    assert [h.metrics["train_loss"] for h in r1.history] == [
+        h.metrics["train_loss"] for h in r2.history
+    ]
+    assert r1.best_test_acc > 0.6  # 4 classes: chance is 0.25
+    assert accs1[-1] > accs1[0] + 0.3
+    # outputs
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    for key in (
+        "test_acc",
+        "test_auc",
+        "train_loss",
+        "test_acc_std",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+    ):
+        assert key in rows[-1]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for key in ("algorithm", "best_test_acc", "final_test_acc", "rounds", "seconds_per_round"):
+        assert key in summary
+    assert summary["rounds"] == 4
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+    assert load_config(tmp_path / "a" / "config.yaml") == cfg
+
+
+def test_byte_counts_equal_model_size_times_clients():
+    cfg = build_config(synthetic_config(**{"federation.rounds": 2, "federation.local_epochs": 1}))
+    fed = Federation(cfg)
+    model = next(iter(fed.pool.values()))
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    up, down = fed.train_round(1)
+    n = cfg.data.num_clients
+    assert up == n * model_bytes
+    assert down == n * model_bytes
+    assert message_nbytes({"a": torch.zeros(3, dtype=torch.float16)}) == 6
+    fed.close()
+
+
+def test_local_sends_nothing_and_keeps_state():
+    cfg = build_config(synthetic_config(algorithm={"name": "local"}))
+    fed = Federation(cfg)
+    up, down = fed.train_round(1)
+    assert up == 0 and down == 0
+    assert len(fed.store) == cfg.data.num_clients  # every client kept its own model
+    s0, s1 = fed.store.get(0), fed.store.get(1)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    fed.close()
+
+
+def test_fedprox_mu_zero_equals_fedavg_and_mu_changes_result():
+    base = synthetic_config(**{"federation.rounds": 2, "federation.local_epochs": 1})
+    avg = run(build_config(base))
+    prox0 = run(build_config({**base, "algorithm": {"name": "fedprox", "mu": 0.0}}))
+    prox = run(build_config({**base, "algorithm": {"name": "fedprox", "mu": 1.0}}))
+    losses = lambda r: [h.metrics["train_loss"] for h in r.history]  # noqa: E731
+    assert losses(avg) == losses(prox0)
+    assert losses(prox) != losses(avg)
+
+
+def test_selection_join_ratio_and_drop_rate_are_seeded():
+    cfg = build_config(
+        synthetic_config(**{"federation.join_ratio": 0.5, "federation.client_drop_rate": 0.3})
+    )
+    fed = Federation(cfg)
+    picks = [fed.select(r) for r in range(1, 30)]
+    assert all(len(p) <= 3 for p in picks)
+    assert any(len(p) < 3 for p in picks)  # some drops happened
+    assert picks == [fed.select(r) for r in range(1, 30)]
+    assert len({tuple(p) for p in picks}) > 1
+    fed.close()
+
+
+def test_new_clients_are_held_out_and_evaluated():
+    cfg = build_config(
+        synthetic_config(
+            **{"federation.num_new_clients": 2, "federation.new_client_finetune_epochs": 1}
+        )
+    )
+    res = run(cfg)
+    assert res.new_client_metrics is not None
+    assert 0.0 <= res.new_client_metrics["test_acc"] <= 1.0
+    assert res.new_client_metrics["test_acc"] > 0.4
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"algorithm": {"name": "fedsgd"}}, "valid choices"),
+        ({"algorithm": {"name": "fedprox", "mux": 1}}, "algorithm.mux"),
+        ({"federation": {"roundz": 3}}, "federation.roundz: unknown key"),
+        ({"federation": {"lr": -1}}, "federation.lr"),
+        ({"bogus": 1}, "valid keys here"),
+    ],
+)
+def test_bad_config_errors_name_the_field(raw, fragment):
+    with pytest.raises(ConfigError) as e:
+        build_config(raw)
+    assert fragment in str(e.value)
+
+
+def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
+    from ktl.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "--set", "algorithm.name=nope", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output
+    assert "valid choices" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            "--set",
+            "model.name=nonet",
+            "--set",
+            "data.dataset=synthetic",
+            "--set",
+            "data.num_clients=2",
+            "--set",
+            "federation.rounds=1",
+            "--out",
+            str(tmp_path / "y"),
+        ],
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "nonet" in res.output
+
+
+def test_cli_lists_algorithms():
+    from ktl.cli import app
+
+    res = CliRunner().invoke(app, ["list", "algorithms"])
+    assert res.exit_code == 0
+    for name in ("fedavg", "fedprox", "local"):
+        assert name in res.output
+    assert get_algorithm("FedAvg").name == "fedavg"
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fedavg_on_fashion_mnist_beats_chance(tmp_path):
+    from ktl.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--quiet",
+            "--out",
+            str(tmp_path / "fm"),
+            "--set",
+            "data.num_clients=10",
+            "--set",
+            "federation.rounds=2",
+            "--set",
+            "federation.join_ratio=0.5",
+            "--set",
+            "federation.eval_train_loss=false",
+            "--set",
+            "data.max_samples=6000",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "fm" / "summary.json").read_text())
+    assert summary["best_test_acc"] > 0.6  # 10 classes: chance is 0.1
