@@ -59,6 +59,11 @@ class FederationSpec(_Strict):
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations without a better test_acc"
     )
+    executor: Literal["sequential", "process"] = Field(
+        "sequential", description="run clients in this process or in a pool of processes"
+    )
+    workers: int = Field(2, ge=1, description="processes for executor=process")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker process")
     state_memory_mb: float = Field(
         2048.0, gt=0, description="memory budget for client states before they go to disk"
     )

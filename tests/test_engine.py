@@ -256,3 +256,12 @@ def test_fedavg_on_fashion_mnist_beats_chance(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "fm" / "summary.json").read_text())
     assert summary["best_test_acc"] > 0.6  # 10 classes: chance is 0.1
+
+
+def test_process_executor_matches_sequential():
+    base = synthetic_config(**{"federation.rounds": 2, "federation.local_epochs": 1})
+    seq = run(build_config(base))
+    par_cfg = {**base, "federation": {**base["federation"], "executor": "process", "workers": 2}}
+    par = run(build_config(par_cfg))
+    assert [h.metrics for h in seq.history] == [h.metrics for h in par.history]
+    assert seq.history[-1].bytes_up == par.history[-1].bytes_up

@@ -19,6 +19,7 @@ from fl_core.algorithms import ClientContext, TrainSettings, get_algorithm, mess
 from fl_core.algorithms.base import Algorithm, HParams
 from fl_core.config import RunConfig, dump_config
 from fl_core.data.federated import FederatedDataset, build_federated_dataset
+from fl_core.engine.executors import ProcessExecutor, SequentialExecutor, Task, TaskResult
 from fl_core.engine.metrics import summarize_clients
 from fl_core.engine.state_store import ClientStateStore
 from fl_core.models import build_model
@@ -161,9 +162,11 @@ class Federation:
         self.store = ClientStateStore(memory_budget=int(fed.state_memory_mb * 2**20))
         self.bytes_up = 0
         self.bytes_down = 0
+        self._executor = None
+        self._pending_replies: dict = {}
 
     # -- clients -------------------------------------------------------------------------
-    def _client(self, cid: int, round: int, purpose: str):
+    def _client(self, cid: int, round: int, purpose: str, state: dict[str, torch.Tensor]):
         arch = self.architectures[cid]
         model = self.pool[arch]
         model.load_state_dict(self.initial_state[arch])
@@ -183,8 +186,32 @@ class Federation:
             device=self.device,
         )
         client = self.algorithm.client_cls(ctx)
-        client.load_state_dict(self.store.get(cid))
+        client.load_state_dict(state)
         return client
+
+    def run_task(self, task: Task) -> TaskResult:
+        """One client's work; runs in this process or in an executor's worker."""
+        if task.kind == "fit":
+            client = self._client(task.client_id, task.round, "train", task.state)
+            client.receive(task.message)
+            reply = client.fit()
+            return TaskResult(task.client_id, reply=reply, state=client.state_dict())
+        # evaluation: a fresh view of the client; its state is never written back
+        client = self._client(task.client_id, task.round, "eval", task.state)
+        client.receive(task.message)
+        if task.finetune_epochs:
+            client.train(epochs=task.finetune_epochs)
+        return TaskResult(task.client_id, metrics=client.evaluate(train_loss=task.train_loss))
+
+    @property
+    def executor(self):
+        if self._executor is None:
+            fed = self.config.federation
+            if fed.executor == "process" and fed.workers > 1:
+                self._executor = ProcessExecutor(self, fed.workers, fed.threads_per_worker)
+            else:
+                self._executor = SequentialExecutor(self)
+        return self._executor
 
     def select(self, round: int) -> list[int]:
         fed = self.config.federation
@@ -204,15 +231,18 @@ class Federation:
         selected = self.select(round)
         messages = self.server.configure(round, selected)
         down = sum(message_nbytes(messages.get(cid, {})) for cid in selected)
+        tasks = [
+            Task("fit", cid, round, messages.get(cid, {}), self.store.get(cid)) for cid in selected
+        ]
         replies = {}
         up = 0
-        for cid in selected:
-            client = self._client(cid, round, "train")
-            client.receive(messages.get(cid, {}))
-            reply = client.fit()
-            self.store.put(cid, client.state_dict())
-            up += message_nbytes(reply)
-            replies[cid] = (reply, int(self.dataset.clients[cid].train_y.shape[0]))
+        for res in self.executor.map(tasks):
+            self.store.put(res.client_id, res.state or {})
+            up += message_nbytes(res.reply or {})
+            replies[res.client_id] = (
+                res.reply or {},
+                int(self.dataset.clients[res.client_id].train_y.shape[0]),
+            )
         self._pending_replies = replies
         return up, down
 
@@ -222,19 +252,29 @@ class Federation:
 
     def evaluate(self, client_ids: list[int], finetune_epochs: int = 0) -> dict[str, float]:
         messages = self.server.configure_evaluation(client_ids)
+        tasks = [
+            Task(
+                "eval",
+                cid,
+                -1,
+                messages.get(cid, {}),
+                self.store.get(cid),
+                finetune_epochs=finetune_epochs,
+                train_loss=self.config.federation.eval_train_loss,
+            )
+            for cid in client_ids
+        ]
         per_client = []
-        for cid in client_ids:
-            # a fresh view of the client: evaluation never writes state back
-            client = self._client(cid, -1, "eval")
-            client.receive(messages.get(cid, {}))
-            if finetune_epochs:
-                client.train(epochs=finetune_epochs)
-            res = client.evaluate(train_loss=self.config.federation.eval_train_loss)
-            res["test_labels"] = self.dataset.clients[cid].test_y
-            per_client.append(res)
+        for res in self.executor.map(tasks):
+            metrics = dict(res.metrics or {})
+            metrics["test_labels"] = self.dataset.clients[res.client_id].test_y
+            per_client.append(metrics)
         return summarize_clients(per_client, self.dataset.num_classes)
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
         self.store.close()
 
 
