@@ -188,9 +188,23 @@ def list_groups_cmd() -> None:
 @list_app.command("datasets")
 def list_datasets_cmd() -> None:
     """Data sources a config's data.dataset may name."""
-    from fl_core.data import list_sources
+    import inspect
 
-    _print_mapping("datasets", list_sources())
+    from fl_core.data import list_sources
+    from fl_core.data.sources import _REGISTRY
+
+    fallback = {
+        "fashion_mnist": "Fashion-MNIST, 70k 28x28 grey, 10 classes (Debian dataset-fashion-mnist, "
+        "a torchvision root, or a download)",
+        "mnist": "MNIST through torchvision (data.root or data.download=true)",
+        "cifar10": "CIFAR-10 through torchvision (data.root or data.download=true)",
+        "cifar100": "CIFAR-100 through torchvision (data.root or data.download=true)",
+    }
+    rows = {}
+    for name in list_sources():
+        doc = inspect.getdoc(_REGISTRY[name]) or fallback.get(name, "")
+        rows[name] = doc.split("\n\n")[0].replace("\n", " ")
+    _print_mapping("datasets", rows)
 
 
 def _mount_generators() -> None:

@@ -265,3 +265,32 @@ def test_process_executor_matches_sequential():
     par = run(build_config(par_cfg))
     assert [h.metrics for h in seq.history] == [h.metrics for h in par.history]
     assert seq.history[-1].bytes_up == par.history[-1].bytes_up
+
+
+def test_cli_partition_writes_manifest_matching_the_table(tmp_path):
+    from ktl.cli import app
+
+    out = tmp_path / "part"
+    res = CliRunner().invoke(
+        app,
+        [
+            "partition",
+            "--out",
+            str(out),
+            "--set",
+            "data.dataset=digits",
+            "--set",
+            "data.num_clients=5",
+            "--set",
+            "data.partition=pat",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_clients"] == 5 and manifest["scenario"] == "pat"
+    total = sum(c["train_samples"] + c["test_samples"] for c in manifest["clients"])
+    assert total == 1797  # every digit image lands in exactly one client
+    for c in manifest["clients"]:
+        assert str(c["train_samples"]) in res.output
+        held = [k for k, n in enumerate(c["train_label_counts"]) if n]
+        assert len(held) <= 2
