@@ -39,6 +39,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from generators import Generator, load_generator  # noqa: E402
+from generators.random_pipelines import build_stable_diffusion_pipeline  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
@@ -61,77 +62,16 @@ def build_ddim_unet_32(directory: Path) -> Path:
 
 
 def build_tiny_stable_diffusion(directory: Path) -> Path:
-    import string
-
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for letter in string.ascii_lowercase:
-            vocab[letter + suffix] = len(vocab)
-    tokenizer_dir = directory.parent / "tokenizer-source"
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
+    return build_stable_diffusion_pipeline(
+        directory,
+        image_size=64,
+        text_width=32,
+        text_layers=2,
+        max_tokens=77,
+        unet_channels=(32, 64),
+        vae_channels=(16, 32, 32, 32),
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(directory)
-    return directory
 
 
 def build_stylegan3(device: str) -> Generator:

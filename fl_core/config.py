@@ -59,10 +59,14 @@ class FederationSpec(_Strict):
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations without a better test_acc"
     )
-    executor: Literal["sequential", "process"] = Field(
-        "sequential", description="run clients in this process or in a pool of processes"
+    executor: Literal["auto", "sequential", "process"] = Field(
+        "auto",
+        description="run clients in this process or in a pool of single-threaded processes; "
+        "auto = process on a CPU with 2+ cores, else sequential",
     )
-    workers: int = Field(2, ge=1, description="processes for executor=process")
+    workers: int | None = Field(
+        None, ge=1, description="processes for executor=process (default: one per core)"
+    )
     threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker process")
     state_memory_mb: float = Field(
         2048.0, gt=0, description="memory budget for client states before they go to disk"

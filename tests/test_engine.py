@@ -259,7 +259,9 @@ def test_fedavg_on_fashion_mnist_beats_chance(tmp_path):
 
 
 def test_process_executor_matches_sequential():
-    base = synthetic_config(**{"federation.rounds": 2, "federation.local_epochs": 1})
+    base = synthetic_config(
+        **{"federation.rounds": 2, "federation.local_epochs": 1, "federation.executor": "sequential"}
+    )
     seq = run(build_config(base))
     par_cfg = {**base, "federation": {**base["federation"], "executor": "process", "workers": 2}}
     par = run(build_config(par_cfg))

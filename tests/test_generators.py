@@ -5,10 +5,8 @@ network (HF_HUB_OFFLINE=1) and nothing depends on sample quality."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import string
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +22,10 @@ from generators import (  # noqa: E402
     load_generator,
     make_grid,
 )
+from generators.random_pipelines import (  # noqa: E402
+    build_pixel_pipeline,
+    build_stable_diffusion_pipeline,
+)
 
 STEPS = 3  # DDIM steps in tests: enough to exercise the loop, cheap on CPU
 
@@ -34,109 +36,14 @@ STEPS = 3  # DDIM steps in tests: enough to exercise the loop, cheap on CPU
 @pytest.fixture(scope="module")
 def pixel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny unconditional DDPMPipeline (UNet2DModel + DDPMScheduler), 3x16x16."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    directory = tmp_path_factory.mktemp("pixel") / "pipeline"
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(directory)
-    return directory
-
-
-def _write_tiny_tokenizer(directory: Path) -> None:
-    """A CLIP BPE vocabulary of single characters (no merges): enough to tokenise prompts."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for letter in string.ascii_lowercase:
-        vocab[letter] = len(vocab)
-    for letter in string.ascii_lowercase:
-        vocab[letter + "</w>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return build_pixel_pipeline(tmp_path_factory.mktemp("pixel") / "pipeline")
 
 
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny StableDiffusionPipeline (PNDM scheduler, as SD v1.5 ships), 3x16x16 images from
     4x8x8 latents."""
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    root = tmp_path_factory.mktemp("sd")
-    _write_tiny_tokenizer(root / "tok")
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tok", model_max_length=12)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=12,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    directory = root / "pipeline"
-    pipeline.save_pretrained(directory)
-    return directory
+    return build_stable_diffusion_pipeline(tmp_path_factory.mktemp("sd") / "pipeline")
 
 
 @pytest.fixture(scope="module")

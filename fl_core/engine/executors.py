@@ -97,7 +97,7 @@ class ProcessExecutor:
 
     def __init__(self, worker: Worker, workers: int, threads_per_worker: int = 1):
         global _WORKER
-        if "fork" not in mp.get_all_start_methods():
+        if not can_fork():
             raise ValueError(
                 "federation.executor=process needs the 'fork' start method (Linux); "
                 "use federation.executor=sequential on this platform"
@@ -122,4 +122,11 @@ class ProcessExecutor:
 
 
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def can_fork() -> bool:
+    return "fork" in mp.get_all_start_methods()

@@ -19,7 +19,14 @@ from fl_core.algorithms import ClientContext, TrainSettings, get_algorithm, mess
 from fl_core.algorithms.base import Algorithm, HParams
 from fl_core.config import RunConfig, dump_config
 from fl_core.data.federated import FederatedDataset, build_federated_dataset
-from fl_core.engine.executors import ProcessExecutor, SequentialExecutor, Task, TaskResult
+from fl_core.engine.executors import (
+    ProcessExecutor,
+    SequentialExecutor,
+    Task,
+    TaskResult,
+    can_fork,
+    default_workers,
+)
 from fl_core.engine.metrics import summarize_clients
 from fl_core.engine.state_store import ClientStateStore
 from fl_core.models import build_model
@@ -207,8 +214,14 @@ class Federation:
     def executor(self):
         if self._executor is None:
             fed = self.config.federation
-            if fed.executor == "process" and fed.workers > 1:
-                self._executor = ProcessExecutor(self, fed.workers, fed.threads_per_worker)
+            workers = fed.workers or default_workers()
+            kind = fed.executor
+            if kind == "auto":
+                # forked workers cannot use CUDA; one core gains nothing from a pool
+                use_pool = self.device.type == "cpu" and workers > 1 and can_fork()
+                kind = "process" if use_pool else "sequential"
+            if kind == "process":
+                self._executor = ProcessExecutor(self, workers, fed.threads_per_worker)
             else:
                 self._executor = SequentialExecutor(self)
         return self._executor
