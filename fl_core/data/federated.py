@@ -334,7 +334,11 @@ def build_federated_dataset(spec: DataSpec, seed: int) -> FederatedDataset:
     labels_np = source.labels.numpy()
     params = spec.partition_params(len(source))
     parts = partition_labels(labels_np, spec.partition, spec.num_clients, seed, **params)
-    images = normalize(source.images, source.mean, source.std)
+
+    # normalise per client from the (usually uint8) source: no full float copy of the dataset
+    def norm(idx: torch.Tensor) -> torch.Tensor:
+        return normalize(source.images.index_select(0, idx), source.mean, source.std)
+
     labels = source.labels
     clients: list[ClientData] = []
     for i, idx in enumerate(parts):
@@ -342,9 +346,9 @@ def build_federated_dataset(spec: DataSpec, seed: int) -> FederatedDataset:
         tr_t, te_t = torch.from_numpy(tr), torch.from_numpy(te)
         clients.append(
             ClientData(
-                train_x=images.index_select(0, tr_t),  # index_select copies: contiguous per client
+                train_x=norm(tr_t),
                 train_y=labels.index_select(0, tr_t),
-                test_x=images.index_select(0, te_t),
+                test_x=norm(te_t),
                 test_y=labels.index_select(0, te_t),
                 train_indices=tr_t,
                 test_indices=te_t,
