@@ -253,7 +253,11 @@ def test_fedavg_on_fashion_mnist_beats_chance(tmp_path):
 
 def test_process_executor_matches_sequential():
     base = synthetic_config(
-        **{"federation.rounds": 2, "federation.local_epochs": 1, "federation.executor": "sequential"}
+        **{
+            "federation.rounds": 2,
+            "federation.local_epochs": 1,
+            "federation.executor": "sequential",
+        }
     )
     seq = run(build_config(base))
     par_cfg = {**base, "federation": {**base["federation"], "executor": "process", "workers": 2}}
@@ -289,3 +293,27 @@ def test_cli_partition_writes_manifest_matching_the_table(tmp_path):
         assert str(c["train_samples"]) in res.output
         held = [k for k, n in enumerate(c["train_label_counts"]) if n]
         assert len(held) <= 2
+
+
+def test_fedavg_refuses_a_heterogeneous_model_group_clearly():
+    from ktl.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--quiet",
+            "--set",
+            "model.name=HtFE-img-2",
+            "--set",
+            "data.dataset=synthetic",
+            "--set",
+            "data.num_clients=2",
+            "--set",
+            "federation.rounds=1",
+            "--set",
+            "data.source_options={image_size: 28, num_samples: 60}",
+        ],
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "heterogeneous" in res.output

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .base import Client, HParams, Message, Server, select_state
 from .common import weighted_average
-from .registry import register_algorithm
+from .registry import AlgorithmError, register_algorithm
 
 
 class FedAvgHParams(HParams):
@@ -31,7 +31,7 @@ class FedAvgServer(Server):
     def __init__(self, hparams: HParams, initial_models: dict[str, nn.Module], num_clients: int):
         super().__init__(hparams, initial_models, num_clients)
         if len(initial_models) != 1:
-            raise ValueError(
+            raise AlgorithmError(
                 f"{type(self).__name__} averages one shared architecture, but the clients use "
                 f"{len(initial_models)} ({', '.join(initial_models)}); choose a single model "
                 "(model.name) or a heterogeneous-model algorithm"

@@ -17,7 +17,7 @@ from torch import nn
 
 from fl_core.algorithms import ClientContext, TrainSettings, get_algorithm, message_nbytes
 from fl_core.algorithms.base import Algorithm, HParams
-from fl_core.config import RunConfig, dump_config
+from fl_core.config import ConfigError, RunConfig, dump_config
 from fl_core.data.federated import FederatedDataset, build_federated_dataset
 from fl_core.engine.executors import (
     ProcessExecutor,
@@ -108,7 +108,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is 'cuda' but no CUDA device is available; use device=cpu or auto")
+        raise ConfigError(
+            "device is 'cuda' but no CUDA device is available; use device=cpu or device=auto"
+        )
     return torch.device(name)
 
 
@@ -128,7 +130,7 @@ class Federation:
             spec = config.data.model_copy(update={"num_clients": total_clients})
             dataset = build_federated_dataset(spec, seed=config.seed)
         elif dataset.num_clients != total_clients:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset has {dataset.num_clients} clients but the config asks for "
                 f"data.num_clients + federation.num_new_clients = {total_clients}"
             )
