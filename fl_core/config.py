@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fl_core.algorithms import AlgorithmError, HParams, get_algorithm
 from fl_core.data.federated import DataSpec
 
 
@@ -36,6 +37,13 @@ class AlgorithmSpec(BaseModel):
 
 
 class FederationSpec(_Strict):
+    """The round loop and every client's local training settings (the only copy of them).
+
+    Frozen: clients read it as their ``ctx.settings``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     rounds: int = Field(50, ge=0, description="communication rounds")
     join_ratio: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
     random_join_ratio: bool = Field(
@@ -71,6 +79,12 @@ class FederationSpec(_Strict):
     state_memory_mb: float = Field(
         2048.0, gt=0, description="memory budget for client states before they go to disk"
     )
+    checkpoint_every: int | None = Field(
+        10,
+        ge=1,
+        description="write a resumable checkpoint into the output folder every this many rounds "
+        "(null = never); ktl run --resume DIR continues from the latest",
+    )
 
 
 class RunConfig(_Strict):
@@ -84,8 +98,6 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_algorithm(self) -> RunConfig:
-        from fl_core.algorithms import AlgorithmError, get_algorithm
-
         try:
             algo = get_algorithm(self.algorithm.name)
         except AlgorithmError as e:
@@ -100,9 +112,7 @@ class RunConfig(_Strict):
             ) from None
         return self
 
-    def algorithm_hparams(self):
-        from fl_core.algorithms import get_algorithm
-
+    def algorithm_hparams(self) -> HParams:
         algo = get_algorithm(self.algorithm.name)
         return algo.hparams_cls(**self.algorithm.hparams())
 

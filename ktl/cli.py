@@ -22,16 +22,23 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from fl_core.algorithms import AlgorithmError
+    from fl_core.algorithms import AlgorithmError, PartError
     from fl_core.config import ConfigError
     from fl_core.data import DataError
+    from fl_core.device import DeviceError
     from fl_core.models import ModelError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, ModelError, AlgorithmError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        DataError,
+        ModelError,
+        AlgorithmError,
+        PartError,
+        DeviceError,
+    ]
     try:
         from generators.base import GeneratorError
 
@@ -49,10 +56,11 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _load(config: Path | None, overrides: list[str] | None):
+    """The config file with overrides; with no file, the built-in defaults (the same run as
+    configs/default.yaml, so an installed ktl needs no file)."""
     from fl_core.config import load_config
 
-    path = config if config is not None else DEFAULT_CONFIG
-    return load_config(path, overrides or [])
+    return load_config(config, overrides or [])
 
 
 SetOption = Annotated[
@@ -64,17 +72,32 @@ SetOption = Annotated[
 @app.command()
 def run(
     config: Annotated[
-        Path | None, typer.Argument(help="YAML config (default: configs/default.yaml)")
+        Path | None,
+        typer.Argument(help="YAML config (default: the built-in default, configs/default.yaml)"),
     ] = None,
     set_: SetOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="continue the run in this output folder from its latest checkpoint "
+            "(its config.yaml is used; --set may change federation.rounds)",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Run a federated experiment and write config, metrics, summary and curves to --out."""
     from fl_core.engine import run as run_federation
 
     try:
-        cfg = _load(config, set_)
+        if resume is not None:
+            if config is not None or out is not None:
+                fail("--resume DIR takes the config and output folder from DIR; drop CONFIG/--out")
+            cfg = _load(resume / "config.yaml", set_)
+            out = resume
+        else:
+            cfg = _load(config, set_)
         if out is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{stamp}-{cfg.algorithm.name}"
@@ -105,7 +128,9 @@ def run(
                     )
                 progress.update(task, completed=rnd, status=status)
 
-            result = run_federation(cfg, out_dir=out, on_round=on_round)
+            result = run_federation(
+                cfg, out_dir=out, on_round=on_round, resume=resume is not None
+            )
     except _user_errors() as e:
         fail(str(e))
     s = result.summary()
@@ -132,7 +157,7 @@ def partition(
 
     try:
         cfg = _load(config, set_)
-        ds = build_federated_dataset(cfg.data, seed=cfg.seed)
+        ds = build_federated_dataset(cfg.data, seed=cfg.seed, batch_size=cfg.federation.batch_size)
         if out is None:
             out = (
                 Path("runs")
@@ -163,10 +188,22 @@ def _print_mapping(title: str, mapping: dict[str, str]) -> None:
 
 @list_app.command("algorithms")
 def list_algorithms_cmd() -> None:
-    """Registered FL algorithms."""
-    from fl_core.algorithms import list_algorithms
+    """Registered FL algorithms, by family."""
+    from fl_core.algorithms import FAMILIES, registered_algorithms
 
-    _print_mapping("algorithms", list_algorithms())
+    algos = registered_algorithms()
+    for family, title in FAMILIES.items():
+        members = [a for a in algos.values() if a.family == family]
+        if not members:
+            continue
+        table = Table(title=f"{title} ({family})", title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("hetero models")
+        table.add_column("description")
+        table.add_column("paper")
+        for a in members:
+            table.add_row(a.name, "yes" if a.heterogeneous else "no", a.description, a.paper)
+        console.print(table)
 
 
 @list_app.command("models")

@@ -120,7 +120,7 @@ def test_fedavg_learns_and_is_deterministic(tmp_path):
 def test_byte_counts_equal_model_size_times_clients():
     cfg = build_config(synthetic_config(**{"federation.rounds": 2, "federation.local_epochs": 1}))
     fed = Federation(cfg)
-    model = next(iter(fed.pool.values()))
+    model = fed.runtime.new_model("mlp")
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     up, down = fed.train_round(1)
     n = cfg.data.num_clients

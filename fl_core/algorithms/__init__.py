@@ -1,18 +1,57 @@
-"""FL algorithms: a Client/Server pair plus typed hyperparameters each, registered by name."""
+"""FL algorithms: a Client/Server pair plus typed hyperparameters each, registered by name.
 
-from .base import Client, ClientContext, HParams, Message, Server, TrainSettings, message_nbytes
-from .registry import AlgorithmError, get_algorithm, list_algorithms, register_algorithm
+Importing this package registers every built-in algorithm; plug-ins come through the
+``fl_core.algorithms`` entry-point group (see `registry`).
+"""
+
+from .base import (
+    FAMILIES,
+    Algorithm,
+    Client,
+    ClientContext,
+    EvalReport,
+    HParams,
+    Message,
+    Reply,
+    Server,
+    ServerContext,
+    TrainResult,
+    message_nbytes,
+)
+from .parts import PartError, Select, is_batchnorm, tensor_nbytes
+from .registry import (
+    ENTRY_POINT_GROUP,
+    AlgorithmError,
+    get_algorithm,
+    list_algorithms,
+    register_algorithm,
+    registered_algorithms,
+)
+
+# built-in algorithms register themselves on import
+from . import fedavg, fedprox, local, ditto, scaffold, fedrep, fedproto  # noqa: E402, F401, I001
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
+    "FAMILIES",
+    "Algorithm",
     "AlgorithmError",
     "Client",
     "ClientContext",
+    "EvalReport",
     "HParams",
     "Message",
+    "PartError",
+    "Reply",
+    "Select",
     "Server",
-    "TrainSettings",
+    "ServerContext",
+    "TrainResult",
     "get_algorithm",
+    "is_batchnorm",
     "list_algorithms",
     "message_nbytes",
     "register_algorithm",
+    "registered_algorithms",
+    "tensor_nbytes",
 ]

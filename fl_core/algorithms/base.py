@@ -1,20 +1,50 @@
 """The server/client contract every algorithm implements.
 
-A message is a flat ``dict[str, Tensor]``; nothing else crosses the boundary. Clients are
-short-lived views over persistent *state*: the engine builds a client, loads its stored state,
-lets it receive / fit / evaluate, stores what ``state_dict()`` returns, and drops the object.
+A message is a flat ``dict[str, Tensor]`` with namespaced keys (``model/…``, ``proto/…``,
+``cv/…``); nothing else crosses the boundary. Clients are short-lived views over persistent
+*state*: the engine builds a client, loads its stored state, lets it receive / fit / evaluate,
+stores what ``state_dict()`` returns, and drops the object.
+
+One participation, as the engine drives it::
+
+    client = Algo.client_cls(ctx)          # parts at their architecture's initial values
+    client.load_state_dict(stored_state)   # what persisted from earlier rounds
+    client.receive(broadcast | message)    # what the server sent
+    reply = client.fit()                   # a Reply: message, sample count, metrics
+    store(client.state_dict())
+
+Optimiser state does not persist: every ``train()`` call builds a fresh optimiser (plain SGD at
+the federation's learning rate, as the papers and PFLlib use). An algorithm that needs momentum
+across rounds keeps it as a persistent tensor-dict part.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from fl_core.seeding import torch_generator
+
+from .parts import Part, Selector, load_flat, select_state, selected_keys, tensor_nbytes
+
+if TYPE_CHECKING:
+    from fl_core.config import FederationSpec
+
 Message = dict[str, Tensor]
+Family = Literal["tFL", "pFL", "HtFL", "KT"]
+FAMILIES: dict[str, str] = {
+    "tFL": "traditional FL",
+    "pFL": "personalized FL",
+    "HtFL": "heterogeneous-model FL",
+    "KT": "knowledge transfer",
+}
+
+message_nbytes = tensor_nbytes
 
 
 class HParams(BaseModel):
@@ -24,101 +54,159 @@ class HParams(BaseModel):
 
 
 @dataclass
-class TrainSettings:
-    """Federation-wide local training settings, the same for every algorithm."""
+class TrainResult:
+    """What one call of `Client.train` did."""
 
-    local_epochs: int = 1
-    batch_size: int = 10
-    lr: float = 0.005
-    eval_batch_size: int = 1000
+    loss: float  # mean loss over the steps
+    steps: int  # optimiser steps taken (SCAFFOLD's K)
+    samples: int  # samples seen, counting repeats over epochs
+
+
+@dataclass
+class Reply:
+    """A client's answer to a training round; it describes itself, so the server never reads a
+    client's data: the message, the sample count its update stands for, and scalar metrics."""
+
+    message: Message
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    """A client's evaluation: counts, class scores and labels (what the AUC needs), train loss."""
+
+    test_correct: int
+    test_num: int
+    test_probs: Tensor
+    test_labels: Tensor
+    train_loss_sum: float = 0.0
+    train_num: int = 0
 
 
 @dataclass
 class ClientContext:
-    """Everything a client needs for one participation; built by the engine."""
+    """Everything a client needs for one participation; built by the client runtime."""
 
     client_id: int
     round: int
-    model: nn.Module  # pooled instance, already holding the client's architecture's initial state
+    arch: str
+    model: nn.Module  # pooled instance, reset to its architecture's initial state
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
     num_classes: int
-    settings: TrainSettings
+    settings: FederationSpec  # the federation's training settings (batch size, lr, epochs …)
     hparams: HParams
-    generator: torch.Generator  # derived from (seed, round, client id): shuffling, sampling
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rng: torch.Generator  # derived from (seed, purpose, round, client id): shuffling, sampling
+    device: torch.device
+    pooled_model: Callable[[str, str | None], nn.Module]
+
+    def extra_model(self, slot: str, arch: str | None = None) -> nn.Module:
+        """Another pooled model (of this client's architecture unless ``arch`` is given), reset
+        to that architecture's initial state: a personal model, a mentee, a meme model."""
+        return self.pooled_model(slot, arch)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
 
 
-def message_nbytes(message: Message) -> int:
-    """Exact payload size of a message: the bytes of its tensors."""
-    return sum(t.numel() * t.element_size() for t in message.values())
+@dataclass
+class ServerContext:
+    """What a server knows of its federation, and nothing of any client's data."""
 
+    device: torch.device
+    seed: int
+    num_clients: int
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    feature_dim: int
+    architectures: dict[int, str]  # each training client's architecture
+    settings: FederationSpec
+    client_shared: tuple[Selector, ...]  # what the algorithm's clients declare as travelling
+    model_builder: Callable[[str], nn.Module]
 
-def select_state(module: nn.Module, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
-    """The entries of ``module.state_dict()`` under the given submodule prefixes ("" = all)."""
-    out = {}
-    for name, tensor in module.state_dict().items():
-        if any(p == "" or name == p or name.startswith(p + ".") for p in prefixes):
-            out[name] = tensor
-    return out
+    def build_model(self, arch: str) -> nn.Module:
+        """A fresh model of ``arch`` holding the federation's initial weights for it (never a
+        pooled instance that clients train in)."""
+        return self.model_builder(arch)
+
+    def rng(self, round: int, purpose: str) -> torch.Generator:
+        """A generator derived from (seed, "server", purpose, round): same in every run."""
+        return torch_generator(self.seed, "server", purpose, round, device="cpu")
+
+    @property
+    def distinct_architectures(self) -> list[str]:
+        return list(dict.fromkeys(self.architectures.values()))
 
 
 class Client:
-    """Default client: local SGD on cross-entropy over the model's whole output.
+    """Default client: local SGD on cross-entropy over the model's output.
 
-    Subclasses *declare* what travels and what persists:
+    Subclasses *declare* which tensors travel and which persist, as selections of their parts
+    (see `fl_core.algorithms.parts`):
 
-    - ``shared``: submodule prefixes of the model that are received from and sent to the server
-      (``("",)`` = the whole model, ``()`` = nothing).
-    - ``personal``: prefixes kept between rounds in the client's state.
+    - ``shared``: received from the server and sent back (``("model",)`` = the whole model,
+      ``("model/body",)`` = the body, ``()`` = nothing);
+    - ``persistent``: kept in the client's state between rounds.
     """
 
-    shared: ClassVar[tuple[str, ...]] = ("",)
-    personal: ClassVar[tuple[str, ...]] = ()
+    shared: ClassVar[tuple[Selector, ...]] = ("model",)
+    persistent: ClassVar[tuple[Selector, ...]] = ()
 
     def __init__(self, ctx: ClientContext) -> None:
         self.ctx = ctx
         self.model = ctx.model
         self.hp = ctx.hparams
 
+    def parts(self) -> dict[str, Part]:
+        """The client's named parts; subclasses add theirs to ``super().parts()``."""
+        return {"model": self.model}
+
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        if not self.personal:
-            return {}
-        return {k: v.detach().clone() for k, v in select_state(self.model, self.personal).items()}
+        return select_state(self.parts(), self.persistent)
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if state:
-            self.model.load_state_dict(state, strict=False)
+            parts = self.parts()
+            load_flat(parts, state, "client state", selected_keys(parts, self.persistent))
 
     # -- messages --------------------------------------------------------------------------
     def receive(self, message: Message) -> None:
-        """Load the shared part of the model from the server's message."""
+        """Load what the server sent into the shared parts; an unexpected key is an error."""
         if message:
-            self.model.load_state_dict(message, strict=False)
+            parts = self.parts()
+            load_flat(parts, message, "message", selected_keys(parts, self.shared))
 
     def upload(self) -> Message:
-        if not self.shared:
-            return {}
-        return {k: v.detach().clone() for k, v in select_state(self.model, self.shared).items()}
+        return select_state(self.parts(), self.shared)
 
-    def fit(self) -> Message:
-        self.train()
-        return self.upload()
+    def fit(self) -> Reply:
+        result = self.train()
+        return self.reply(self.upload(), result)
+
+    def reply(self, message: Message, result: TrainResult | None = None) -> Reply:
+        metrics = {} if result is None else {"train_loss": result.loss, "steps": result.steps}
+        return Reply(message, self.ctx.num_train, metrics)
+
+    def finetune(self, epochs: int) -> None:
+        """What a new client does with ``epochs`` local epochs before it is evaluated."""
+        self.train(epochs=epochs)
 
     # -- training --------------------------------------------------------------------------
-    def make_optimizer(self, params) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.ctx.settings.lr)
 
-    def batches(self, epochs: int | None = None):
+    def batches(self, epochs: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled mini-batches of the client's train split, ``epochs`` passes."""
         ctx = self.ctx
-        n = ctx.train_x.shape[0]
+        n = ctx.num_train
         bs = ctx.settings.batch_size
         for _ in range(ctx.settings.local_epochs if epochs is None else epochs):
-            perm = torch.randperm(n, generator=ctx.generator)
+            perm = torch.randperm(n, generator=ctx.rng)
             for start in range(0, n, bs):
                 idx = perm[start : start + bs]
                 yield (
@@ -126,35 +214,63 @@ class Client:
                     ctx.train_y.index_select(0, idx).to(ctx.device, non_blocking=True),
                 )
 
-    def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(self.model(x), y)
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(model(x), y)
 
-    def before_step(self) -> None:
+    def before_step(self, model: nn.Module) -> None:
         """Hook between backward and the optimiser step (gradient corrections)."""
 
-    def train(self, epochs: int | None = None) -> float:
-        """Run local training; returns the mean training loss over the steps."""
-        self.model.train()
-        opt = self.make_optimizer(self.model.parameters())
-        total, steps = 0.0, 0
-        for x, y in self.batches(epochs):
-            opt.zero_grad(set_to_none=True)
-            loss = self.loss(x, y)
-            loss.backward()
-            self.before_step()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-        return total / max(steps, 1)
+    def train(
+        self,
+        model: nn.Module | None = None,
+        params: Iterable[nn.Parameter] | None = None,
+        epochs: int | None = None,
+    ) -> TrainResult:
+        """Local SGD on ``model`` (default: the model part) for ``epochs`` (default: the
+        federation's local epochs), updating only ``params`` (default: all of the model's).
+
+        Parameters outside ``params`` are frozen for the call (no gradient is computed for them)
+        and restored afterwards.
+        """
+        model = self.model if model is None else model
+        trained = list(model.parameters()) if params is None else list(params)
+        trained_ids = {id(p) for p in trained}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trained_ids]
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train()
+        opt = self.make_optimizer(trained)
+        total, steps, samples = 0.0, 0, 0
+        try:
+            for x, y in self.batches(epochs):
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss(model, x, y)
+                loss.backward()
+                self.before_step(model)
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+                samples += int(y.shape[0])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return TrainResult(total / max(steps, 1), steps, samples)
 
     # -- evaluation ------------------------------------------------------------------------
-    def predict_logits(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def predict(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Class scores (logits or anything whose argmax is the prediction)."""
+        return model(x)
+
+    def evaluation_model(self) -> nn.Module:
+        """The model a client is evaluated with (a personal model, in pFL)."""
+        return self.model
 
     @torch.no_grad()
-    def evaluate(self, train_loss: bool = True) -> dict[str, Any]:
-        """Test predictions and (optionally) the summed train loss of the current model."""
-        self.model.eval()
+    def evaluate(self, model: nn.Module | None = None, train_loss: bool = True) -> EvalReport:
+        """Accuracy and class probabilities on the test split and (optionally) the summed train
+        loss of ``model`` (default: `evaluation_model`)."""
+        model = self.evaluation_model() if model is None else model
+        model.eval()
         ctx = self.ctx
         bs = ctx.settings.eval_batch_size
         probs = []
@@ -162,43 +278,57 @@ class Client:
         for start in range(0, ctx.test_x.shape[0], bs):
             x = ctx.test_x[start : start + bs].to(ctx.device)
             y = ctx.test_y[start : start + bs].to(ctx.device)
-            logits = self.predict_logits(x)
-            correct += int((logits.argmax(1) == y).sum())
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        out: dict[str, Any] = {
-            "test_correct": correct,
-            "test_num": int(ctx.test_x.shape[0]),
-            "test_probs": torch.cat(probs) if probs else torch.empty(0, ctx.num_classes),
-        }
+            scores = self.predict(model, x)
+            correct += int((scores.argmax(1) == y).sum())
+            probs.append(torch.softmax(scores.float(), dim=1).cpu())
+        report = EvalReport(
+            test_correct=correct,
+            test_num=int(ctx.test_x.shape[0]),
+            test_probs=torch.cat(probs) if probs else torch.empty(0, ctx.num_classes),
+            test_labels=ctx.test_y,
+        )
         if train_loss:
             loss_sum = 0.0
-            for start in range(0, ctx.train_x.shape[0], bs):
+            for start in range(0, ctx.num_train, bs):
                 x = ctx.train_x[start : start + bs].to(ctx.device)
                 y = ctx.train_y[start : start + bs].to(ctx.device)
-                loss_sum += float(self.loss(x, y)) * x.shape[0]
-            out["train_loss_sum"] = loss_sum
-            out["train_num"] = int(ctx.train_x.shape[0])
-        return out
+                loss_sum += float(self.loss(model, x, y)) * x.shape[0]
+            report.train_loss_sum = loss_sum
+            report.train_num = ctx.num_train
+        return report
 
 
 class Server:
-    """Default server: holds nothing and sends nothing (the ``local`` baseline)."""
+    """Default server: holds nothing and sends nothing (the ``local`` baseline).
 
-    def __init__(self, hparams: HParams, initial_models: dict[str, nn.Module], num_clients: int):
+    Per round the engine asks for ``broadcast(round)`` (the same for every selected client; it
+    reaches each worker process once) and ``configure(round, client_ids)`` (per-client extras);
+    a client receives the union, and a key in both is an error. Then ``aggregate`` gets the
+    replies. Evaluation asks ``evaluation_broadcast`` / ``configure_evaluation``, which default
+    to the training ones.
+    """
+
+    def __init__(self, ctx: ServerContext, hparams: HParams) -> None:
+        self.ctx = ctx
         self.hp = hparams
-        self.num_clients = num_clients
+
+    def broadcast(self, round: int) -> Message:
+        return {}
 
     def configure(self, round: int, client_ids: list[int]) -> dict[int, Message]:
-        return {cid: {} for cid in client_ids}
+        return {}
 
-    def configure_evaluation(self, client_ids: list[int]) -> dict[int, Message]:
-        """What each client receives before it is evaluated (default: the training broadcast)."""
-        return self.configure(-1, client_ids)
+    def evaluation_broadcast(self, round: int) -> Message:
+        return self.broadcast(round)
 
-    def aggregate(self, round: int, replies: dict[int, tuple[Message, int]]) -> None:
+    def configure_evaluation(self, round: int, client_ids: list[int]) -> dict[int, Message]:
+        return self.configure(round, client_ids)
+
+    def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
         return None
 
     def state_dict(self) -> dict[str, Tensor]:
+        """Everything the server carries between rounds (checkpoints store it)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -207,8 +337,22 @@ class Server:
 
 @dataclass
 class Algorithm:
+    """A registered algorithm: its pair, hyperparameters and metadata."""
+
     name: str
     client_cls: type[Client]
     server_cls: type[Server]
     hparams_cls: type[HParams]
     description: str
+    family: Family
+    paper: str = ""
+    heterogeneous: bool = False  # works when clients have different architectures
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "paper": self.paper,
+            "heterogeneous": self.heterogeneous,
+            "description": self.description,
+        }

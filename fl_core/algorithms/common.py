@@ -1,11 +1,13 @@
-"""Pieces shared by many algorithms: weighted averaging of tensor dicts."""
+"""Pieces shared by many algorithms: weighted averaging, the shared initial state of a model."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .base import Message
+from .base import Message, ServerContext
+from .parts import Select, Selector, select_state
+from .registry import AlgorithmError
 
 
 def weighted_average(messages: list[tuple[Message, float]]) -> dict[str, Tensor]:
@@ -34,3 +36,39 @@ def weighted_average(messages: list[tuple[Message, float]]) -> dict[str, Tensor]
             acc.add_(t.to(torch.float64), alpha=w / total)
         out[key] = acc.to(first.dtype)
     return out
+
+
+def shared_model_state(
+    ctx: ServerContext, selectors: tuple[Selector, ...], algorithm: str
+) -> dict[str, Tensor]:
+    """The initial value of the model tensors the clients share (``model/…`` keys).
+
+    With several architectures the shared tensors must agree in name and shape across all of
+    them (heads of one size in LG-FedAvg or FedGH); otherwise the run is refused here, before
+    training, with the architectures and the first disagreeing tensor named. The initial values
+    are taken from the first client's architecture.
+    """
+    model_selectors = [s for s in map(Select.parse, selectors) if s.part == "model"]
+    reference: dict[str, Tensor] | None = None
+    ref_arch = ""
+    for arch in ctx.distinct_architectures:
+        state = select_state({"model": ctx.build_model(arch)}, model_selectors)
+        if reference is None:
+            reference, ref_arch = state, arch
+            continue
+        for key in sorted(set(reference) | set(state)):
+            a, b = reference.get(key), state.get(key)
+            if a is None or b is None or a.shape != b.shape:
+                shape = lambda t: "absent" if t is None else tuple(t.shape)  # noqa: E731
+                raise AlgorithmError(
+                    f"algorithm {algorithm!r} averages {_describe(model_selectors)} across "
+                    f"clients, but architectures {ref_arch!r} and {arch!r} disagree on "
+                    f"{key!r} ({shape(a)} vs {shape(b)}); use one architecture (model.name) "
+                    "or an algorithm for heterogeneous models (ktl list algorithms)"
+                )
+    return reference or {}
+
+
+def _describe(selectors: list[Select]) -> str:
+    names = [f"model.{s.prefix}" if s.prefix else "the whole model" for s in selectors]
+    return ", ".join(names) or "nothing"

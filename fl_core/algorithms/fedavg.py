@@ -1,15 +1,19 @@
-"""FedAvg (McMahan et al., 2017): local SGD, sample-weighted averaging of the whole model.
+"""FedAvg (McMahan et al., 2017): local SGD, sample-weighted averaging of the shared model.
 
 Unlike PFLlib, buffers (BatchNorm running statistics) travel and are averaged too, so FedAvg on
 a BatchNorm model is FedAvg and not an implicit FedBN.
+
+`FedAvgServer` is the server of every algorithm that averages a declared part of the model
+(FedProx, Ditto, FedRep …): it keeps the tensors its clients declare as ``shared`` and averages
+them by sample count. With several architectures, those tensors must agree in shape.
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Client, HParams, Message, Server, select_state
-from .common import weighted_average
+from .base import Client, HParams, Message, Reply, Server, ServerContext
+from .common import shared_model_state, weighted_average
 from .registry import AlgorithmError, register_algorithm
 
 
@@ -18,35 +22,34 @@ class FedAvgHParams(HParams):
 
 
 class FedAvgClient(Client):
-    shared = ("",)
-    personal = ()
+    shared = ("model",)
+    persistent = ()
 
 
 class FedAvgServer(Server):
-    """Keeps the global model as a tensor dict and broadcasts it to every selected client."""
+    """Keeps the shared model tensors and broadcasts them to every selected client."""
 
-    #: submodule prefixes of the model held and averaged by the server
-    shared: tuple[str, ...] = ("",)
+    def __init__(self, ctx: ServerContext, hparams: HParams) -> None:
+        super().__init__(ctx, hparams)
+        self.global_state: dict[str, Tensor] = shared_model_state(
+            ctx, ctx.client_shared, type(self).__name__
+        )
 
-    def __init__(self, hparams: HParams, initial_models: dict[str, nn.Module], num_clients: int):
-        super().__init__(hparams, initial_models, num_clients)
-        if len(initial_models) != 1:
-            raise AlgorithmError(
-                f"{type(self).__name__} averages one shared architecture, but the clients use "
-                f"{len(initial_models)} ({', '.join(initial_models)}); choose a single model "
-                "(model.name) or a heterogeneous-model algorithm"
-            )
-        (model,) = initial_models.values()
-        self.global_state: dict[str, Tensor] = {
-            k: v.detach().clone() for k, v in select_state(model, self.shared).items()
-        }
+    def broadcast(self, round: int) -> Message:
+        return self.global_state
 
-    def configure(self, round: int, client_ids: list[int]) -> dict[int, Message]:
-        return dict.fromkeys(client_ids, self.global_state)
-
-    def aggregate(self, round: int, replies: dict[int, tuple[Message, int]]) -> None:
-        if replies:
-            self.global_state = weighted_average(list(replies.values()))
+    def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
+        if not replies:
+            return
+        for cid, reply in replies.items():
+            unknown = set(reply.message) - set(self.global_state)
+            if unknown:
+                raise AlgorithmError(
+                    f"client {cid} uploaded {sorted(unknown)[:3]}, which the server does not hold"
+                )
+        self.global_state = weighted_average(
+            [(r.message, r.num_samples) for r in replies.values()]
+        )
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.global_state)
@@ -60,5 +63,8 @@ register_algorithm(
     FedAvgClient,
     FedAvgServer,
     FedAvgHParams,
-    "FedAvg: sample-weighted averaging of the whole model (McMahan et al., 2017)",
+    "FedAvg: sample-weighted averaging of the whole model",
+    family="tFL",
+    paper="McMahan et al., Communication-Efficient Learning of Deep Networks from "
+    "Decentralized Data, AISTATS 2017",
 )

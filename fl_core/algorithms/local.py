@@ -12,7 +12,7 @@ class LocalHParams(HParams):
 
 class LocalClient(Client):
     shared = ()
-    personal = ("",)
+    persistent = ("model",)
 
 
 register_algorithm(
@@ -21,4 +21,7 @@ register_algorithm(
     Server,
     LocalHParams,
     "Local: each client trains alone, no communication (the lower baseline)",
+    family="pFL",
+    paper="the no-communication baseline of PFLlib and HtFLlib",
+    heterogeneous=True,
 )

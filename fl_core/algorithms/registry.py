@@ -1,14 +1,25 @@
-"""Algorithms registered by name; third-party packages register theirs the same way."""
+"""Algorithms registered by name, with metadata.
+
+Built-in algorithms register when `fl_core.algorithms` is imported. Other packages register
+theirs through the entry-point group ``fl_core.algorithms``: each entry point names a module
+whose import calls `register_algorithm` (``ktl`` registers ``fedktl`` this way), so a config
+that names a third-party algorithm works without importing its package first.
+"""
 
 from __future__ import annotations
 
-from .base import Algorithm, Client, HParams, Server
+from importlib.metadata import entry_points
+
+from .base import FAMILIES, Algorithm, Client, Family, HParams, Server
+
+ENTRY_POINT_GROUP = "fl_core.algorithms"
 
 _ALGORITHMS: dict[str, Algorithm] = {}
+_entry_points_loaded = False
 
 
 class AlgorithmError(ValueError):
-    """Unknown algorithm or invalid hyperparameters."""
+    """Unknown algorithm, invalid hyperparameters, or an algorithm that cannot run this setup."""
 
 
 def register_algorithm(
@@ -17,22 +28,43 @@ def register_algorithm(
     server_cls: type[Server],
     hparams_cls: type[HParams],
     description: str,
+    *,
+    family: Family,
+    paper: str = "",
+    heterogeneous: bool = False,
 ) -> Algorithm:
+    """Register an algorithm under ``name`` (case-insensitive)."""
     key = name.lower()
+    if family not in FAMILIES:
+        raise AlgorithmError(f"family of {name!r} must be one of {list(FAMILIES)}, got {family!r}")
     if key in _ALGORITHMS and _ALGORITHMS[key].client_cls is not client_cls:
         raise AlgorithmError(f"algorithm {name!r} is already registered")
-    algo = Algorithm(key, client_cls, server_cls, hparams_cls, description)
+    algo = Algorithm(
+        key, client_cls, server_cls, hparams_cls, description, family, paper, heterogeneous
+    )
     _ALGORITHMS[key] = algo
     return algo
 
 
-def _load_builtin() -> None:
-    from . import fedavg, fedprox, local  # noqa: F401  (registration side effects)
+def load_entry_points() -> None:
+    """Import every module advertised in the ``fl_core.algorithms`` entry-point group (once)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # a broken plug-in must not hide the built-in algorithms
+            raise AlgorithmError(
+                f"the algorithm plug-in {ep.name!r} ({ep.value}) failed to load: {e}"
+            ) from e
 
 
 def get_algorithm(name: str) -> Algorithm:
-    _load_builtin()
     key = str(name).lower()
+    if key not in _ALGORITHMS:
+        load_entry_points()
     if key not in _ALGORITHMS:
         raise AlgorithmError(
             f"unknown algorithm {name!r} (field algorithm.name); valid choices: "
@@ -41,6 +73,11 @@ def get_algorithm(name: str) -> Algorithm:
     return _ALGORITHMS[key]
 
 
+def registered_algorithms() -> dict[str, Algorithm]:
+    """Every algorithm, built-in and plug-in, by name."""
+    load_entry_points()
+    return dict(sorted(_ALGORITHMS.items()))
+
+
 def list_algorithms() -> dict[str, str]:
-    _load_builtin()
-    return {k: a.description for k, a in sorted(_ALGORITHMS.items())}
+    return {k: a.description for k, a in registered_algorithms().items()}

@@ -61,7 +61,6 @@ class DataSpec(BaseModel):
     min_samples: int | None = Field(
         None, description="Minimum samples per client; None = PFLlib's least_samples rule."
     )
-    batch_size_hint: int = Field(10, description="Batch size used only by the default min_samples.")
     max_samples: int | None = Field(
         None,
         ge=1,
@@ -85,7 +84,7 @@ class DataSpec(BaseModel):
             raise ValueError(f"alpha must be a finite number > 0, got {v}")
         return v
 
-    @field_validator("classes_per_client", "batch_size_hint")
+    @field_validator("classes_per_client")
     @classmethod
     def _positive(cls, v: int, info: Any) -> int:
         if v < 1:
@@ -114,12 +113,16 @@ class DataSpec(BaseModel):
         except DataError as e:
             raise ValueError(str(e)) from None
 
-    def partition_params(self, num_samples: int) -> dict[str, Any]:
-        """The keyword parameters the chosen partitioner takes, min_samples resolved."""
+    def partition_params(self, num_samples: int, batch_size: int = 10) -> dict[str, Any]:
+        """The keyword parameters the chosen partitioner takes, min_samples resolved.
+
+        ``batch_size`` is the federation's local batch size (``federation.batch_size``): the
+        default min_samples rule gives every client at least one test batch of it.
+        """
         min_samples = self.min_samples
         if min_samples is None:
             min_samples = default_min_samples(
-                num_samples, self.num_clients, self.batch_size_hint, self.train_ratio
+                num_samples, self.num_clients, batch_size, self.train_ratio
             )
         values = {
             "alpha": self.alpha,
@@ -316,8 +319,12 @@ def _check_against_manifest(ds: FederatedDataset, tpath: Path) -> None:
                 raise DataError(f"{tpath}: client {i} {split} labels disagree with manifest.json")
 
 
-def build_federated_dataset(spec: DataSpec, seed: int) -> FederatedDataset:
-    """Load the source, normalise it once, partition its labels, split each client, index."""
+def build_federated_dataset(spec: DataSpec, seed: int, batch_size: int = 10) -> FederatedDataset:
+    """Load the source, normalise it once, partition its labels, split each client, index.
+
+    ``batch_size`` is the federation's local batch size, used only by the default
+    ``min_samples`` rule (PFLlib's least_samples).
+    """
     source = load_source(
         spec.dataset, root=spec.root, download=spec.download, **spec.source_options
     )
@@ -332,7 +339,7 @@ def build_federated_dataset(spec: DataSpec, seed: int) -> FederatedDataset:
             labels=source.labels.index_select(0, keep),
         )
     labels_np = source.labels.numpy()
-    params = spec.partition_params(len(source))
+    params = spec.partition_params(len(source), batch_size)
     parts = partition_labels(labels_np, spec.partition, spec.num_clients, seed, **params)
 
     # normalise per client from the (usually uint8) source: no full float copy of the dataset

@@ -1,6 +1,27 @@
-"""The engine: owns the round loop; algorithms only supply hooks."""
+"""The engine: owns the round loop; algorithms only supply hooks.
 
-from .runner import Federation, RoundRecord, RunResult, run
+- `runtime`: executes one client's task (data, model pool, algorithm), buildable alone;
+- `executors`: run tasks in this process or a pool of processes;
+- `federation`: server, runtime, client states, selection and byte accounting;
+- `loop`: the round loop with evaluation, checkpoints and early stop;
+- `results`, `outputs`, `checkpoint`: what a run writes.
+"""
+
+from .checkpoint import load_checkpoint
+from .federation import Federation
+from .loop import run
+from .results import RoundRecord, RunResult
+from .runtime import ClientRuntime, Task, TaskResult
 from .state_store import ClientStateStore
 
-__all__ = ["ClientStateStore", "Federation", "RoundRecord", "RunResult", "run"]
+__all__ = [
+    "ClientRuntime",
+    "ClientStateStore",
+    "Federation",
+    "RoundRecord",
+    "RunResult",
+    "Task",
+    "TaskResult",
+    "load_checkpoint",
+    "run",
+]

@@ -1,113 +1,116 @@
-"""Executors run the selected clients' work: in this process, or in a pool of processes.
+"""Executors run the selected clients' tasks: in this process, or in a pool of processes.
 
-A task carries only what crosses the server/client boundary plus the client's stored state
-(tensor dicts), so the result is the same whichever executor runs it: every random choice
-inside a task draws from a generator derived from (seed, round, client id).
+Each round the engine *publishes* the server's broadcast (the part of the message that is the
+same for every client) once, then maps tasks that carry only their key. The sequential executor
+hands the broadcast to the runtime directly; the process executor writes it to one file that
+each worker reads once per round, however many of the round's tasks it runs.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import multiprocessing as mp
 import os
-from dataclasses import dataclass
-from typing import Any, Protocol
+import tempfile
+from pathlib import Path
+from typing import Protocol
 
 import torch
-from torch import Tensor
 
 from fl_core.algorithms import Message
 
-
-def _to_bytes(fields: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(fields, buf)
-    return buf.getvalue()
+from .runtime import ClientRuntime, Task, TaskResult
 
 
-def _restore(cls: type, payload: bytes):
-    obj = cls.__new__(cls)
-    obj.__dict__.update(torch.load(io.BytesIO(payload), weights_only=True))
-    return obj
+class Executor(Protocol):
+    def publish(self, message: Message) -> str: ...
 
+    def map(self, tasks: list[Task]) -> list[TaskResult]: ...
 
-class _Portable:
-    """Pickles as one torch.save blob: tensors travel as bytes, never as shared-memory handles
-    (which would cost a file descriptor per tensor per task)."""
-
-    def __reduce__(self):
-        return (_restore, (type(self), _to_bytes(self.__dict__)))
-
-
-@dataclass
-class Task(_Portable):
-    kind: str  # "fit" or "eval"
-    client_id: int
-    round: int
-    message: Message
-    state: dict[str, Tensor]
-    finetune_epochs: int = 0
-    train_loss: bool = True
-
-
-@dataclass
-class TaskResult(_Portable):
-    client_id: int
-    reply: Message | None = None
-    state: dict[str, Tensor] | None = None
-    metrics: dict[str, Any] | None = None
-
-
-class Worker(Protocol):
-    def run_task(self, task: Task) -> TaskResult: ...
+    def close(self) -> None: ...
 
 
 class SequentialExecutor:
-    """Runs tasks one after another in this process (the default)."""
+    """Runs tasks one after another in this process."""
 
-    def __init__(self, worker: Worker):
-        self.worker = worker
+    def __init__(self, runtime: ClientRuntime):
+        self.runtime = runtime
+        self._keys = itertools.count()
+
+    def publish(self, message: Message) -> str:
+        if not message:
+            return ""
+        key = f"b{next(self._keys)}"
+        self.runtime.broadcasts = {key: message}
+        return key
 
     def map(self, tasks: list[Task]) -> list[TaskResult]:
-        return [self.worker.run_task(t) for t in tasks]
+        return [self.runtime.run_task(t) for t in tasks]
 
     def close(self) -> None:
         return None
 
 
-_WORKER: Worker | None = None
+_RUNTIME: ClientRuntime | None = None
+_BROADCAST_DIR: Path | None = None
+
+
+def _read_broadcast(key: str) -> Message:
+    assert _BROADCAST_DIR is not None
+    return torch.load(_BROADCAST_DIR / f"{key}.pt", weights_only=True)
 
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    assert _RUNTIME is not None
+    _RUNTIME.broadcasts = {}
+    _RUNTIME.fetch_broadcast = _read_broadcast
 
 
 def _run_in_child(task: Task) -> TaskResult:
-    assert _WORKER is not None, "process executor used before its worker was set"
-    return _WORKER.run_task(task)
+    assert _RUNTIME is not None, "process executor used before its runtime was set"
+    return _RUNTIME.run_task(task)
 
 
 class ProcessExecutor:
     """Runs tasks in ``workers`` forked processes, each on ``threads_per_worker`` threads.
 
-    The worker (the federation with its in-memory dataset and model pool) is inherited by
-    fork, so data is not copied or re-read; only messages and states travel per task. On
-    small models several single-threaded processes beat one multi-threaded one.
+    The runtime (with its in-memory dataset and model pool) is inherited by fork, so data is
+    not copied or re-read; per task only the client's message and state travel, and each
+    round's broadcast travels once per worker. On small models several single-threaded
+    processes beat one multi-threaded one.
     """
 
-    def __init__(self, worker: Worker, workers: int, threads_per_worker: int = 1):
-        global _WORKER
+    def __init__(self, runtime: ClientRuntime, workers: int, threads_per_worker: int = 1):
+        global _RUNTIME, _BROADCAST_DIR
         if not can_fork():
             raise ValueError(
                 "federation.executor=process needs the 'fork' start method (Linux); "
                 "use federation.executor=sequential on this platform"
             )
-        _WORKER = worker
+        self._tmp = tempfile.TemporaryDirectory(prefix="ktl-broadcast-")
+        _RUNTIME, _BROADCAST_DIR = runtime, Path(self._tmp.name)
         ctx = mp.get_context("fork")
         self.pool = ctx.Pool(
             processes=workers, initializer=_init_worker, initargs=(threads_per_worker,)
         )
         self.workers = workers
+        self._keys = itertools.count()
+        self._published: Path | None = None
+
+    def publish(self, message: Message) -> str:
+        if self._published is not None:  # the previous round's tasks have all finished
+            self._published.unlink(missing_ok=True)
+            self._published = None
+        if not message:
+            return ""
+        key = f"b{next(self._keys)}"
+        path = Path(self._tmp.name) / f"{key}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in message.items()}, tmp)
+        os.replace(tmp, path)
+        self._published = path
+        return key
 
     def map(self, tasks: list[Task]) -> list[TaskResult]:
         if not tasks:
@@ -119,6 +122,7 @@ class ProcessExecutor:
     def close(self) -> None:
         self.pool.terminate()
         self.pool.join()
+        self._tmp.cleanup()
 
 
 def default_workers() -> int:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from fl_core.algorithms import EvalReport
+
 
 def micro_auc(probs: Tensor, labels: Tensor, num_classes: int) -> float:
     """Micro-averaged one-vs-rest ROC AUC (PFLlib's per-client AUC), rank-based with ties.
@@ -36,18 +38,17 @@ def micro_auc(probs: Tensor, labels: Tensor, num_classes: int) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def summarize_clients(per_client: list[dict], num_classes: int) -> dict[str, float]:
+def summarize_clients(reports: list[EvalReport], num_classes: int) -> dict[str, float]:
     """Sample-weighted accuracy/AUC, mean train loss and the spread of accuracy across clients."""
-    test_num = sum(c["test_num"] for c in per_client)
-    correct = sum(c["test_correct"] for c in per_client)
+    test_num = sum(r.test_num for r in reports)
+    correct = sum(r.test_correct for r in reports)
     accs, aucs, weights = [], [], []
-    for c in per_client:
-        if c["test_num"] == 0:
+    for r in reports:
+        if r.test_num == 0:
             continue
-        accs.append(c["test_correct"] / c["test_num"])
-        auc = micro_auc(c["test_probs"], c["test_labels"], num_classes)
-        aucs.append(auc)
-        weights.append(c["test_num"])
+        accs.append(r.test_correct / r.test_num)
+        aucs.append(micro_auc(r.test_probs, r.test_labels, num_classes))
+        weights.append(r.test_num)
     valid = [(a, w) for a, w in zip(aucs, weights, strict=True) if not math.isnan(a)]
     out = {
         "test_acc": correct / test_num if test_num else float("nan"),
@@ -61,7 +62,7 @@ def summarize_clients(per_client: list[dict], num_classes: int) -> dict[str, flo
             else float("nan")
         ),
     }
-    train_num = sum(c.get("train_num", 0) for c in per_client)
+    train_num = sum(r.train_num for r in reports)
     if train_num:
-        out["train_loss"] = sum(c.get("train_loss_sum", 0.0) for c in per_client) / train_num
+        out["train_loss"] = sum(r.train_loss_sum for r in reports) / train_num
     return out

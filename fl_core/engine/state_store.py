@@ -10,9 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-
-def state_nbytes(state: dict[str, Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+from fl_core.algorithms.parts import tensor_nbytes
 
 
 class ClientStateStore:
@@ -72,17 +70,17 @@ class ClientStateStore:
 
     def discard(self, client_id: int) -> None:
         if client_id in self._mem:
-            self._mem_bytes -= state_nbytes(self._mem.pop(client_id))
+            self._mem_bytes -= tensor_nbytes(self._mem.pop(client_id))
         if client_id in self._on_disk:
             self._on_disk.discard(client_id)
             self._path(client_id).unlink(missing_ok=True)
 
     def _insert(self, client_id: int, state: dict[str, Tensor]) -> None:
         self._mem[client_id] = state
-        self._mem_bytes += state_nbytes(state)
+        self._mem_bytes += tensor_nbytes(state)
         while self._mem_bytes > self.memory_budget and len(self._mem) > 1:
             old_id, old_state = self._mem.popitem(last=False)
-            self._mem_bytes -= state_nbytes(old_state)
+            self._mem_bytes -= tensor_nbytes(old_state)
             tmp = self._path(old_id).with_suffix(".tmp")
             save_file({k: v.cpu().contiguous() for k, v in old_state.items()}, str(tmp))
             os.replace(tmp, self._path(old_id))

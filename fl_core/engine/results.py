@@ -1,0 +1,93 @@
+"""What a run produces: one record per evaluated round, and the run's summary."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    metrics: dict[str, float]
+    bytes_up: int  # cumulative
+    bytes_down: int  # cumulative
+    seconds: float  # since the start of the run (resumed runs: of every session together)
+    train_seconds: float
+    aggregate_seconds: float
+    eval_seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            **self.metrics,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
+            "aggregate_seconds": self.aggregate_seconds,
+            "eval_seconds": self.eval_seconds,
+        }
+
+
+@dataclass
+class RunResult:
+    algorithm: str
+    history: list[RoundRecord] = field(default_factory=list)
+    rounds_run: int = 0
+    round_seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
+    new_client_metrics: dict[str, float] | None = None
+    stopped_early: bool = False
+
+    @property
+    def best_test_acc(self) -> float:
+        accs = [
+            r.metrics["test_acc"] for r in self.history if not math.isnan(r.metrics["test_acc"])
+        ]
+        return max(accs) if accs else float("nan")
+
+    @property
+    def best_round(self) -> int | None:
+        best = self.best_test_acc
+        return next((r.round for r in self.history if r.metrics["test_acc"] == best), None)
+
+    @property
+    def final_test_acc(self) -> float:
+        return self.history[-1].metrics["test_acc"] if self.history else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        med = statistics.median
+        out = {
+            "algorithm": self.algorithm,
+            "best_test_acc": self.best_test_acc,
+            "best_round": self.best_round,
+            "final_test_acc": self.final_test_acc,
+            "rounds": self.rounds_run,
+            "seconds_per_round": (
+                sum(self.round_seconds) / len(self.round_seconds) if self.round_seconds else 0.0
+            ),
+            "median_seconds_per_round": med(self.round_seconds) if self.round_seconds else 0.0,
+            "median_train_seconds": med(self.train_seconds) if self.train_seconds else 0.0,
+            "median_eval_seconds": med(self.eval_seconds) if self.eval_seconds else 0.0,
+            "bytes_up": self.history[-1].bytes_up if self.history else 0,
+            "bytes_down": self.history[-1].bytes_down if self.history else 0,
+            "stopped_early": self.stopped_early,
+        }
+        if self.history:
+            out["final_metrics"] = self.history[-1].metrics
+        if self.new_client_metrics is not None:
+            out["new_clients"] = self.new_client_metrics
+        return out
+
+    # checkpoints store the result so far as JSON
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunResult:
+        history = [RoundRecord(**r) for r in data.pop("history")]
+        return cls(history=history, **data)
