@@ -39,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from generators import Generator, load_generator  # noqa: E402
-from generators.random_pipelines import build_stable_diffusion_pipeline  # noqa: E402
+from generators.testing import build_stable_diffusion_pipeline  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 

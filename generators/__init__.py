@@ -5,19 +5,14 @@
     z = gen.sample_latents(n, torch.Generator().manual_seed(0))
     images = gen.synthesize(z)                      # float in [0, 1], (n, C, H, W)
 
-Backends are imported only when a generator of that kind is loaded.
+The libraries a backend needs (diffusers, huggingface_hub, safetensors, the StyleGAN3 package)
+are imported only when a generator of that kind is loaded.
 """
 
 from generators.base import Generator, GeneratorError
+from generators.device import resolve_device, resolve_dtype
 from generators.images import make_grid, save_image_grid
-from generators.loading import (
-    GeneratorInfo,
-    list_generators,
-    load_generator,
-    parse_spec,
-    resolve_device,
-    resolve_dtype,
-)
+from generators.loading import GeneratorInfo, list_generators, load_generator, parse_spec
 
 __all__ = [
     "Generator",

@@ -7,6 +7,7 @@ Specs::
     stylegan3:<file.pkl or directory>   an official StyleGAN3 pickle or a converted directory
 
 ``None`` (or an empty string) means the default builtin generator.
+Device and dtype arguments are resolved by :mod:`generators.device`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 import torch
 
 from generators.base import Generator, GeneratorError
+from generators.builtin import BUILTINS, DEFAULT_BUILTIN, load_builtin
+from generators.device import resolve_device, resolve_dtype
+from generators.pipelines import load_diffusers
 
 # backend -> (spec form, what it loads)
 BACKEND_FORMS: dict[str, tuple[str, str]] = {
@@ -35,17 +39,6 @@ BACKEND_FORMS: dict[str, tuple[str, str]] = {
     ),
 }
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
 
 @dataclass(frozen=True)
 class GeneratorInfo:
@@ -57,71 +50,8 @@ class GeneratorInfo:
     default: bool = False
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` -> CPU; ``"auto"`` -> the accelerator accelerate finds (CUDA, XPU, MPS), else CPU;
-    anything else is checked to exist before use."""
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        from accelerate.utils import is_cuda_available, is_mps_available, is_xpu_available
-
-        if is_cuda_available():
-            return torch.device("cuda")
-        if is_xpu_available():
-            return torch.device("xpu")
-        if is_mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise GeneratorError(
-            f"device {device!r} is not a device name; use 'cpu', 'cuda', 'cuda:<index>', "
-            "'mps' or 'auto'"
-        ) from exc
-    if resolved.type != "cpu":
-        from accelerate.utils import is_cuda_available, is_mps_available, is_xpu_available
-
-        available = {
-            "cuda": is_cuda_available,
-            "xpu": is_xpu_available,
-            "mps": is_mps_available,
-        }.get(resolved.type)
-        if available is not None and not available():
-            raise GeneratorError(
-                f"device {str(resolved)!r} was requested but no {resolved.type} device is "
-                "available here; use device='cpu' or device='auto'"
-            )
-        if resolved.type == "cuda" and resolved.index is not None:
-            count = torch.cuda.device_count()
-            if resolved.index >= count:
-                raise GeneratorError(
-                    f"device {str(resolved)!r} does not exist: this machine has {count} CUDA "
-                    f"device(s) (cuda:0 … cuda:{count - 1})"
-                )
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """``None`` -> float32; accepts a floating torch dtype or a name such as 'fp16', 'bf16'."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise GeneratorError(f"dtype must be a floating-point type, got {dtype}")
-        return dtype
-    key = str(dtype).strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise GeneratorError(
-            f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(_DTYPES))}"
-        )
-    return _DTYPES[key]
-
-
 def parse_spec(spec: str | None) -> tuple[str, str]:
     """Split a spec into (backend, target); ``None`` gives the default builtin."""
-    from generators.builtin import DEFAULT_BUILTIN
-
     if spec is None or not str(spec).strip():
         return "builtin", DEFAULT_BUILTIN
     spec = str(spec).strip()
@@ -174,22 +104,19 @@ def load_generator(
 ) -> Generator:
     """Load a generator from a spec (see the module docstring); ``None`` -> the default builtin.
 
-    ``device``: None (CPU), "auto" (GPU when present) or a device name. ``dtype``: None
-    (float32) or a floating dtype. ``options`` go to the backend, for example
+    ``device``: None (CPU), "auto" (the accelerator accelerate finds, else CPU) or a device
+    name, see :func:`~generators.device.resolve_device`. ``dtype``: None (float32) or a
+    floating dtype. ``options`` go to the backend, for example
     ``num_inference_steps`` for diffusion models or ``prompt`` for Stable Diffusion.
     """
     backend, target = parse_spec(spec)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype)
     if backend == "builtin":
-        from generators.builtin import load_builtin
-
         return _call_with_options(
             backend, load_builtin, target, device=resolved_device, dtype=resolved_dtype, **options
         )
     if backend == "diffusers":
-        from generators.diffusion import load_diffusers
-
         return _call_with_options(
             backend, load_diffusers, target, device=resolved_device, dtype=resolved_dtype, **options
         )
@@ -237,8 +164,6 @@ def convert_stylegan3(in_pkl: str | Path, out_dir: str | Path, overwrite: bool =
 
 def list_generators() -> list[GeneratorInfo]:
     """The builtin generators (ready to use) followed by the backend spec forms."""
-    from generators.builtin import BUILTINS, DEFAULT_BUILTIN
-
     entries = [
         GeneratorInfo(
             spec=f"builtin:{name}",

@@ -22,7 +22,7 @@ from generators import (  # noqa: E402
     load_generator,
     make_grid,
 )
-from generators.random_pipelines import (  # noqa: E402
+from generators.testing import (  # noqa: E402
     build_pixel_pipeline,
     build_stable_diffusion_pipeline,
 )
@@ -322,6 +322,33 @@ def test_auto_device_and_reduced_precision() -> None:
     assert z.dtype == torch.bfloat16
     images = gen.synthesize(z)
     assert images.dtype == torch.float32 and images.shape == (1, 1, 28, 28)
+
+
+def test_backends_do_not_import_loading() -> None:
+    """Dependencies run one way: generators.loading imports the backends, never the reverse."""
+    import ast
+
+    import generators
+
+    package = Path(generators.__file__).parent
+    offenders = []
+    for file in sorted(package.rglob("*.py")):
+        module = ".".join(file.relative_to(package.parent).with_suffix("").parts)
+        if module in {"generators.__init__", "generators.loading"}:
+            continue
+        parent = module.split(".")[:-1]  # the package a relative import starts from
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = parent[: len(parent) - node.level + 1] if node.level else []
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                imported = {target} | {f"{target}.{alias.name}" for alias in node.names}
+            else:
+                continue
+            if "generators.loading" in imported:
+                offenders.append(f"{module} line {node.lineno}")
+    assert not offenders, f"backend modules import generators.loading: {offenders}"
 
 
 def test_list_generators() -> None:

@@ -330,6 +330,19 @@ def test_wrong_latent_shape(tiny_net: StyleGAN3Network) -> None:
         gen.synthesize(np.zeros((2, 12)))  # type: ignore[arg-type]
 
 
+def test_device_means_the_same_as_for_every_generator(tiny_net: StyleGAN3Network) -> None:
+    """StyleGAN3 resolves ``device`` with generators.device.resolve_device, like load_generator."""
+    from generators.device import resolve_device
+
+    assert StyleGAN3Generator(tiny_net).device == torch.device("cpu")
+    assert StyleGAN3Generator(tiny_net, device="auto").device == resolve_device("auto")
+    with pytest.raises(GeneratorError, match="not a device name"):
+        StyleGAN3Generator(tiny_net, device="warp-drive")
+    if not torch.cuda.is_available():
+        with pytest.raises(GeneratorError, match="no cuda device"):
+            StyleGAN3Generator(tiny_net, device="cuda")
+
+
 def test_conditional_model() -> None:
     net = _make_network({**TINY_KWARGS, "c_dim": 4}, seed=3)
     assert "mapping.embed.weight" in net.state_dict()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from generators.base import Generator, GeneratorError
+from generators.pipelines import load_diffusers
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,6 @@ def load_builtin(
     batch_size: int | None = None,
 ) -> Generator:
     """Load builtin generator ``name`` (weights may be stored in float16; loaded as ``dtype``)."""
-    from generators.diffusion import load_diffusers
-
     return load_diffusers(
         str(builtin_directory(name)),
         device,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..base import Generator, GeneratorError
+from ..device import resolve_device
 from .convert import network_from_state, read_converted_dir, read_stylegan3_pickle
 from .network import StyleGAN3Network
 
@@ -36,17 +37,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise GeneratorError(f"invalid device {device!r}: {exc}") from exc
-
-
 class StyleGAN3Generator(Generator):
     """A StyleGAN3 (T or R) generator whose latents are points of W (shape ``(w_dim,)``).
 
@@ -59,7 +49,8 @@ class StyleGAN3Generator(Generator):
     ``dtype`` float16/bfloat16 runs the high-resolution layers (those the official networks
     mark for FP16) in that precision; the mapping, the Fourier input and the low-resolution
     layers stay float32, as do latents and images.  ``batch_size`` bounds how many images
-    are synthesised at once (results do not depend on it).
+    are synthesised at once (results do not depend on it).  ``device`` means what it means for
+    every generator; see :func:`generators.device.resolve_device`.
     """
 
     name = "stylegan3"
@@ -74,7 +65,7 @@ class StyleGAN3Generator(Generator):
         batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = torch.float32
         self.compute_dtype = _resolve_dtype(dtype)
         self.network = network.eval().requires_grad_(False).to(self.device)

@@ -1,4 +1,4 @@
-"""Randomly initialised diffusers pipelines, saved the way real checkpoints are.
+"""Test utilities: randomly initialised diffusers pipelines, saved the way real checkpoints are.
 
 Tests and benchmarks build these to exercise exactly the ``diffusers:<dir>`` loading path without
 any download. Weights are random: images are noise-like, shapes and code paths are real.
