@@ -6,7 +6,7 @@ Specs::
     diffusers:<directory or hub id>     an unconditional UNet2DModel pipeline or Stable Diffusion
     stylegan3:<file.pkl or directory>   an official StyleGAN3 pickle or a converted directory
 
-``None`` (or an empty string) means the default builtin generator.
+``None``, an empty string, ``builtin`` and ``builtin:`` mean the default builtin generator.
 Device and dtype arguments are resolved by :mod:`generators.device`.
 """
 
@@ -51,12 +51,15 @@ class GeneratorInfo:
 
 
 def parse_spec(spec: str | None) -> tuple[str, str]:
-    """Split a spec into (backend, target); ``None`` gives the default builtin."""
+    """Split a spec into (backend, target); ``None``, ``""``, ``"builtin"`` and ``"builtin:"``
+    give the default builtin."""
     if spec is None or not str(spec).strip():
         return "builtin", DEFAULT_BUILTIN
     spec = str(spec).strip()
     backend, sep, target = spec.partition(":")
     backend = backend.strip().lower()
+    if backend == "builtin" and not target.strip():
+        return "builtin", DEFAULT_BUILTIN
     if not sep or backend not in BACKEND_FORMS:
         forms = "\n  ".join(f"{form}  {what}" for form, what in BACKEND_FORMS.values())
         raise GeneratorError(

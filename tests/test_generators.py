@@ -235,6 +235,23 @@ def test_unknown_spec_prefix_lists_valid_forms() -> None:
         assert form in message
 
 
+@pytest.mark.parametrize("spec", [None, "", "builtin", "builtin:", " Builtin : "])
+def test_builtin_without_a_name_is_the_default(spec: str | None) -> None:
+    from generators import parse_spec
+    from generators.builtin import DEFAULT_BUILTIN
+
+    assert DEFAULT_BUILTIN == "animal-ddim"
+    assert parse_spec(spec) == ("builtin", DEFAULT_BUILTIN)
+
+
+def test_load_builtin_without_a_name() -> None:
+    gen = load_generator("builtin", num_inference_steps=1)
+    assert gen.name == "builtin:animal-ddim"
+    assert load_generator("builtin:", num_inference_steps=1).name == gen.name
+    with pytest.raises(GeneratorError, match="names no target"):
+        load_generator("diffusers:")  # only builtin has a default target
+
+
 def test_unknown_builtin_name() -> None:
     with pytest.raises(GeneratorError, match="builtin:animal-ddim"):
         load_generator("builtin:nope")
