@@ -26,7 +26,7 @@ from fl_core.data import (
     partition_labels,
     train_test_split,
 )
-from fl_core.data import sources as sources_mod
+from fl_core.data.sources import idx as idx_sources
 from fl_core.seeding import numpy_rng
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -50,7 +50,7 @@ def fmnist_labels() -> np.ndarray:
     if not (DEBIAN_FMNIST / "train-labels-idx1-ubyte.gz").is_file():
         pytest.skip("Debian dataset-fashion-mnist is not installed")
     files = ["train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-    return np.concatenate([sources_mod.read_idx(DEBIAN_FMNIST / f) for f in files]).astype(np.int64)
+    return np.concatenate([idx_sources.read_idx(DEBIAN_FMNIST / f) for f in files]).astype(np.int64)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_unknown_option_is_an_error() -> None:
 
 def test_missing_dataset_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KTL_DATA_ROOT", raising=False)
-    monkeypatch.setattr(sources_mod, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(idx_sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
     with pytest.raises(DataError) as e:
         load_source("fmnist", root=tmp_path)
     msg = str(e.value)
@@ -286,7 +286,7 @@ def test_corrupt_idx(tmp_path: Path) -> None:
     _write_idx(p, np.zeros((3, 4, 4)), gz=False)
     p.write_bytes(p.read_bytes()[:-5])
     with pytest.raises(DataError, match="truncated"):
-        sources_mod.read_idx(p)
+        idx_sources.read_idx(p)
 
 
 def test_fashion_mnist_real() -> None:
