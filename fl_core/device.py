@@ -22,7 +22,9 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise DeviceError(f"device {name!r} is not a device name; use cpu, cuda, cuda:<i> or auto") from None
+        raise DeviceError(
+            f"device {name!r} is not a device name; use cpu, cuda, cuda:<i> or auto"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(

@@ -18,7 +18,9 @@ def derive_seed(seed: int, *keys: int | str) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-def torch_generator(seed: int, *keys: int | str, device: str | torch.device = "cpu") -> torch.Generator:
+def torch_generator(
+    seed: int, *keys: int | str, device: str | torch.device = "cpu"
+) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, *keys))
     return g

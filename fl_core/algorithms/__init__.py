@@ -4,6 +4,8 @@ Importing this package registers every built-in algorithm; plug-ins come through
 ``fl_core.algorithms`` entry-point group (see `registry`).
 """
 
+# built-in algorithms register themselves on import
+from . import ditto, fedavg, fedproto, fedprox, fedrep, local, scaffold  # noqa: E402, F401, I001
 from .base import (
     FAMILIES,
     Algorithm,
@@ -27,9 +29,6 @@ from .registry import (
     register_algorithm,
     registered_algorithms,
 )
-
-# built-in algorithms register themselves on import
-from . import fedavg, fedprox, local, ditto, scaffold, fedrep, fedproto  # noqa: E402, F401, I001
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -117,6 +117,7 @@ class ClientContext:
 class ServerContext:
     """What a server knows of its federation, and nothing of any client's data."""
 
+    algorithm: str  # the registered name, for messages
     device: torch.device
     seed: int
     num_clients: int

@@ -38,9 +38,7 @@ def weighted_average(messages: list[tuple[Message, float]]) -> dict[str, Tensor]
     return out
 
 
-def shared_model_state(
-    ctx: ServerContext, selectors: tuple[Selector, ...], algorithm: str
-) -> dict[str, Tensor]:
+def shared_model_state(ctx: ServerContext, selectors: tuple[Selector, ...]) -> dict[str, Tensor]:
     """The initial value of the model tensors the clients share (``model/…`` keys).
 
     With several architectures the shared tensors must agree in name and shape across all of
@@ -61,7 +59,7 @@ def shared_model_state(
             if a is None or b is None or a.shape != b.shape:
                 shape = lambda t: "absent" if t is None else tuple(t.shape)  # noqa: E731
                 raise AlgorithmError(
-                    f"algorithm {algorithm!r} averages {_describe(model_selectors)} across "
+                    f"algorithm {ctx.algorithm!r} averages {_describe(model_selectors)} across "
                     f"clients, but architectures {ref_arch!r} and {arch!r} disagree on "
                     f"{key!r} ({shape(a)} vs {shape(b)}); use one architecture (model.name) "
                     "or an algorithm for heterogeneous models (ktl list algorithms)"
@@ -70,5 +68,11 @@ def shared_model_state(
 
 
 def _describe(selectors: list[Select]) -> str:
-    names = [f"model.{s.prefix}" if s.prefix else "the whole model" for s in selectors]
+    names = []
+    for s in selectors:
+        name = f"model.{s.prefix}" if s.prefix else "the model"
+        if s.modules is not None:
+            which = "all but the" if s.invert else "the"
+            name += f" ({which} layers matching {getattr(s.modules, '__name__', 'a predicate')})"
+        names.append(name)
     return ", ".join(names) or "nothing"

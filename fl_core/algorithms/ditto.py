@@ -30,8 +30,12 @@ from .registry import register_algorithm
 
 
 class DittoHParams(HParams):
-    mu: float = Field(0.1, ge=0.0, description="weight of the personal model's pull to the global one")
-    personal_epochs: int = Field(1, ge=0, description="local epochs of the personal model per round")
+    mu: float = Field(
+        0.1, ge=0.0, description="weight of the personal model's pull to the global one"
+    )
+    personal_epochs: int = Field(
+        1, ge=0, description="local epochs of the personal model per round"
+    )
 
 
 class DittoClient(Client):
@@ -82,6 +86,5 @@ register_algorithm(
     DittoHParams,
     "Ditto: a personal model pulled toward the FedAvg global model (evaluates the personal one)",
     family="pFL",
-    paper="Li et al., Ditto: Fair and Robust Federated Learning Through Personalization, "
-    "ICML 2021",
+    paper="Li et al., Ditto: Fair and Robust Federated Learning Through Personalization, ICML 2021",
 )

@@ -31,9 +31,7 @@ class FedAvgServer(Server):
 
     def __init__(self, ctx: ServerContext, hparams: HParams) -> None:
         super().__init__(ctx, hparams)
-        self.global_state: dict[str, Tensor] = shared_model_state(
-            ctx, ctx.client_shared, type(self).__name__
-        )
+        self.global_state: dict[str, Tensor] = shared_model_state(ctx, ctx.client_shared)
 
     def broadcast(self, round: int) -> Message:
         return self.global_state
@@ -47,9 +45,11 @@ class FedAvgServer(Server):
                 raise AlgorithmError(
                     f"client {cid} uploaded {sorted(unknown)[:3]}, which the server does not hold"
                 )
-        self.global_state = weighted_average(
-            [(r.message, r.num_samples) for r in replies.values()]
-        )
+        # a tensor no client sent this round keeps its value
+        self.global_state = {
+            **self.global_state,
+            **weighted_average([(r.message, r.num_samples) for r in replies.values()]),
+        }
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.global_state)

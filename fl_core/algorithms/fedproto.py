@@ -84,8 +84,12 @@ class FedProtoClient(Client):
         result = self.train()
         ctx = self.ctx
         sums, counts = class_feature_sums(
-            self.model.body, ctx.train_x, ctx.train_y, ctx.num_classes,
-            ctx.settings.eval_batch_size, ctx.device,
+            self.model.body,
+            ctx.train_x,
+            ctx.train_y,
+            ctx.num_classes,
+            ctx.settings.eval_batch_size,
+            ctx.device,
         )
         if sums is None:  # no training data
             sums = torch.zeros_like(self.proto["global"])

@@ -16,6 +16,8 @@ Differences from PFLlib's FedRep:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -26,7 +28,9 @@ from .registry import register_algorithm
 
 
 class FedRepHParams(HParams):
-    head_epochs: int = Field(10, ge=0, description="local epochs of the head (body frozen) per round")
+    head_epochs: int = Field(
+        10, ge=0, description="local epochs of the head (body frozen) per round"
+    )
 
 
 def train_mode_matters(module: nn.Module) -> bool:
@@ -38,6 +42,9 @@ def train_mode_matters(module: nn.Module) -> bool:
 class FedRepClient(Client):
     shared = ("model/body",)
     persistent = ("model/head",)
+    #: train the head on features computed once (plain CE; a subclass that changes ``loss``,
+    #: ``before_step`` or ``batches`` for the head epochs sets this to False)
+    cache_features: ClassVar[bool] = True
 
     def fit(self) -> Reply:
         self.train_head(self.hp.head_epochs)
@@ -51,7 +58,7 @@ class FedRepClient(Client):
         """``epochs`` of SGD on the head alone, the body frozen."""
         if epochs == 0:
             return TrainResult(0.0, 0, 0)
-        if train_mode_matters(self.model.body):
+        if not self.cache_features or train_mode_matters(self.model.body):
             return self.train(params=self.model.head.parameters(), epochs=epochs)
         return self._train_head_on_features(epochs)
 
@@ -60,12 +67,16 @@ class FedRepClient(Client):
         with torch.no_grad():
             self.model.body.eval()
             bs = ctx.settings.eval_batch_size
-            features = torch.cat(
-                [
-                    self.model.body(ctx.train_x[i : i + bs].to(ctx.device))
-                    for i in range(0, ctx.num_train, bs)
-                ]
-            ) if ctx.num_train else torch.empty(0)
+            features = (
+                torch.cat(
+                    [
+                        self.model.body(ctx.train_x[i : i + bs].to(ctx.device))
+                        for i in range(0, ctx.num_train, bs)
+                    ]
+                )
+                if ctx.num_train
+                else torch.empty(0)
+            )
         head = self.model.head
         head.train()
         opt = self.make_optimizer(list(head.parameters()))
@@ -84,8 +95,6 @@ class FedRepClient(Client):
                 steps += 1
                 samples += int(idx.shape[0])
         return TrainResult(total / max(steps, 1), steps, samples)
-
-
 
 
 register_algorithm(

@@ -69,7 +69,9 @@ class Select:
             keys = [k for k in keys if k == p or k.startswith(p + ".")]
         if self.modules is not None:
             if not isinstance(value, nn.Module):
-                raise PartError(f"part {self.part!r} is a tensor dict; a module predicate needs a module")
+                raise PartError(
+                    f"part {self.part!r} is a tensor dict; a module predicate needs a module"
+                )
             owned = _keys_of_matching_modules(value, self.modules)
             keys = [k for k in keys if (k in owned) != self.invert]
         return keys
@@ -94,7 +96,9 @@ def part_state(value: Part) -> dict[str, Tensor]:
     return value
 
 
-def select_state(parts: Parts, selectors: Iterable[Selector], clone: bool = True) -> dict[str, Tensor]:
+def select_state(
+    parts: Parts, selectors: Iterable[Selector], clone: bool = True
+) -> dict[str, Tensor]:
     """The selected tensors as a flat ``{"part/key": tensor}`` dict (detached clones by default)."""
     out: dict[str, Tensor] = {}
     for spec in selectors:
@@ -162,7 +166,8 @@ def load_flat(
                 if isinstance(parts[part], nn.Module):
                     dst.copy_(tensor)
                 else:
-                    parts[part][key] = tensor.detach().clone().to(dst.device)
+                    # keep the part's dtype, as a module's copy_ does
+                    parts[part][key] = tensor.detach().to(dst.device, dst.dtype).clone()
 
 
 def _describe(keys: set[str], limit: int = 6) -> str:

@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "fl_core.algorithms"
 
 _ALGORITHMS: dict[str, Algorithm] = {}
 _entry_points_loaded = False
+_plugin_errors: dict[str, str] = {}  # entry-point name -> why it failed to load
 
 
 class AlgorithmError(ValueError):
@@ -55,10 +56,8 @@ def load_entry_points() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()
-        except Exception as e:  # a broken plug-in must not hide the built-in algorithms
-            raise AlgorithmError(
-                f"the algorithm plug-in {ep.name!r} ({ep.value}) failed to load: {e}"
-            ) from e
+        except Exception as e:  # a broken plug-in must not hide the other algorithms
+            _plugin_errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
 
 
 def get_algorithm(name: str) -> Algorithm:
@@ -66,9 +65,12 @@ def get_algorithm(name: str) -> Algorithm:
     if key not in _ALGORITHMS:
         load_entry_points()
     if key not in _ALGORITHMS:
+        broken = "".join(
+            f"; the plug-in {ep!r} failed to load ({why})" for ep, why in _plugin_errors.items()
+        )
         raise AlgorithmError(
             f"unknown algorithm {name!r} (field algorithm.name); valid choices: "
-            f"{', '.join(sorted(_ALGORITHMS))}"
+            f"{', '.join(sorted(_ALGORITHMS))}{broken}"
         )
     return _ALGORITHMS[key]
 

@@ -55,7 +55,9 @@ class ScaffoldClient(Client):
     def fit(self) -> Reply:
         x = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         result = self.train()
-        message: Message = {f"model/{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        message: Message = {
+            f"model/{k}": v.detach().clone() for k, v in self.model.state_dict().items()
+        }
         if result.steps:
             scale = 1.0 / (result.steps * self.ctx.settings.lr)
             for name, y in self.model.named_parameters():
@@ -75,7 +77,7 @@ class ScaffoldServer(Server):
                 "scaffold keeps one control variate per parameter of one shared model; the "
                 f"clients use {ctx.distinct_architectures}: choose a single model (model.name)"
             )
-        self.x = shared_model_state(ctx, ("model",), "scaffold")
+        self.x = shared_model_state(ctx, ("model",))
         model = ctx.build_model(ctx.distinct_architectures[0])
         self.c = {f"c/{k}": v for k, v in _param_zeros(model).items()}
 
@@ -88,7 +90,9 @@ class ScaffoldServer(Server):
     def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
         if not replies:
             return
-        models = [{k: v for k, v in r.message.items() if k.startswith("model/")} for r in replies.values()]
+        models = [
+            {k: v for k, v in r.message.items() if k.startswith("model/")} for r in replies.values()
+        ]
         params = {f"model/{k[2:]}" for k in self.c}
         mean_uniform = weighted_average([(m, 1.0) for m in models])
         by_samples = weighted_average(

@@ -56,6 +56,7 @@ class Federation:
         self.runtime = ClientRuntime.from_config(config, dataset, self.device)
         self.architectures = {c: self.runtime.architecture(c) for c in range(total_clients)}
         self.server_context = ServerContext(
+            algorithm=self.algorithm.name,
             device=self.device,
             seed=config.seed,
             num_clients=self.num_clients,

@@ -44,6 +44,8 @@ def run(
             federation.store.put(cid, state)
         federation.bytes_up, federation.bytes_down = ckpt.bytes_up, ckpt.bytes_down
         result = ckpt.result
+        if ckpt.round < fed_cfg.rounds:  # continuing (or extending): new clients are re-evaluated
+            result.new_client_metrics = None
         start_round = ckpt.round + 1
         best, since_best, elapsed_before = ckpt.best, ckpt.since_best, ckpt.elapsed
     metrics_file = None

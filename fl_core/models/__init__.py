@@ -13,6 +13,7 @@ from fl_core.models.groups import (
     is_group,
     list_groups,
     model_for_client,
+    register_group,
 )
 from fl_core.models.registry import (
     DEFAULT_FEATURE_DIM,
@@ -39,6 +40,7 @@ __all__ = [
     "get_model_spec",
     "is_group",
     "list_groups",
+    "register_group",
     "list_models",
     "model_for_client",
     "register_model",

@@ -59,6 +59,27 @@ def list_groups() -> dict[str, tuple[str, ...]]:
     return dict(_CANONICAL_GROUPS)
 
 
+def register_group(name: str, architectures: tuple[str, ...] | list[str]) -> None:
+    """Add a model group (client i gets entry i mod its length), e.g. for a custom experiment.
+
+    Every entry must be a registered model; the name must not collide with a model or group.
+    """
+    archs = tuple(str(a).lower() for a in architectures)
+    if not archs:
+        raise ModelError(f"model group {name!r} needs at least one architecture")
+    models = list_models()
+    unknown = [a for a in archs if a not in models]
+    if unknown:
+        raise ModelError(
+            f"model group {name!r}: unknown model(s) {unknown}; valid: {', '.join(models)}"
+        )
+    if name.lower() in _BY_LOWER or name.lower() in models:
+        raise ModelError(f"{name!r} is already a model or model group")
+    _CANONICAL_GROUPS[name] = archs
+    MODEL_GROUPS[name] = archs
+    _BY_LOWER[name.lower()] = name
+
+
 def is_group(name: str) -> bool:
     return isinstance(name, str) and name.lower() in _BY_LOWER
 
