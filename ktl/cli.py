@@ -23,7 +23,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fl_core.algorithms import AlgorithmError, PartError
     from fl_core.config import ConfigError
@@ -128,9 +127,7 @@ def run(
                     )
                 progress.update(task, completed=rnd, status=status)
 
-            result = run_federation(
-                cfg, out_dir=out, on_round=on_round, resume=resume is not None
-            )
+            result = run_federation(cfg, out_dir=out, on_round=on_round, resume=resume is not None)
     except _user_errors() as e:
         fail(str(e))
     s = result.summary()
