@@ -11,6 +11,7 @@ checks on a mixed-architecture group; the others must refuse that group before t
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -179,3 +180,32 @@ def test_every_algorithm_has_metadata():
         assert algo.family in FAMILIES, name
         assert algo.paper, f"{name} names no paper"
         assert algo.client_cls.__module__ == algo.hparams_cls.__module__, name
+
+
+def test_a_broadcast_reaches_each_worker_once_per_round(tmp_path, monkeypatch):
+    from fl_core.engine import executors
+
+    log = tmp_path / "reads.log"
+    real = executors._read_broadcast
+
+    def counting(key):
+        with open(log, "a") as f:  # appended from the forked workers
+            f.write(f"{os.getpid()} {key}\n")
+        return real(key)
+
+    monkeypatch.setattr(executors, "_read_broadcast", counting)
+    cfg = tiny_config("fedavg", executor="process", workers=2, join_ratio=1.0)
+    cfg["data"]["num_clients"] = 8
+    fed = Federation(build_config(cfg))
+    try:
+        for rnd in (1, 2):
+            fed.train_round(rnd)
+            fed.aggregate(rnd)
+    finally:
+        fed.close()
+    reads = [line.split() for line in log.read_text().splitlines()]
+    keys = {key for _, key in reads}
+    assert len(keys) == 2  # one broadcast per round
+    for key in keys:
+        pids = [pid for pid, k in reads if k == key]
+        assert len(pids) == len(set(pids)) <= 2  # 8 tasks, at most one read per worker
