@@ -1,9 +1,10 @@
-"""Pieces shared by many algorithms: weighted averaging, the shared initial state of a model."""
+"""Pieces shared by many algorithms: weighted averaging, the shared initial state of a model,
+per-class feature sums (prototypes)."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import Message, ServerContext
 from .parts import Select, Selector, select_state
@@ -76,3 +77,19 @@ def _describe(selectors: list[Select]) -> str:
             name += f" ({which} layers matching {getattr(s.modules, '__name__', 'a predicate')})"
         names.append(name)
     return ", ".join(names) or "nothing"
+
+
+@torch.no_grad()
+def class_feature_sums(
+    body: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per-class sums of ``body`` features over (x, y) in eval mode, and the class counts."""
+    body.eval()
+    sums: Tensor | None = None
+    for start in range(0, x.shape[0], batch_size):
+        f = body(x[start : start + batch_size].to(device)).float()
+        if sums is None:
+            sums = torch.zeros(num_classes, f.shape[1], device=device)
+        sums.index_add_(0, y[start : start + batch_size].to(device), f)
+    counts = torch.bincount(y.to(device), minlength=num_classes)
+    return sums, counts

@@ -28,6 +28,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .base import Client, ClientContext, HParams, Message, Reply, Server, ServerContext
+from .common import class_feature_sums
 from .parts import Part
 from .registry import register_algorithm
 
@@ -37,22 +38,6 @@ class FedProtoHParams(HParams):
     aggregate_by: Literal["samples", "clients"] = Field(
         "samples", description="weight class prototypes by sample count (paper) or per client"
     )
-
-
-@torch.no_grad()
-def class_feature_sums(
-    body: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Per-class sums of ``body`` features over (x, y) in eval mode, and the class counts."""
-    body.eval()
-    sums: Tensor | None = None
-    for start in range(0, x.shape[0], batch_size):
-        f = body(x[start : start + batch_size].to(device)).float()
-        if sums is None:
-            sums = torch.zeros(num_classes, f.shape[1], device=device)
-        sums.index_add_(0, y[start : start + batch_size].to(device), f)
-    counts = torch.bincount(y.to(device), minlength=num_classes)
-    return sums, counts
 
 
 class FedProtoClient(Client):
