@@ -54,3 +54,16 @@ __all__ = [
     "registered_algorithms",
     "tensor_nbytes",
 ]
+
+
+def _import_builtin_algorithms() -> None:
+    """Import every module of this package: each algorithm module registers itself, so adding
+    an algorithm is adding its file."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_builtin_algorithms()
