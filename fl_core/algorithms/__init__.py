@@ -5,7 +5,6 @@ Importing this package registers every built-in algorithm; plug-ins come through
 """
 
 # built-in algorithms register themselves on import
-from . import ditto, fedavg, fedproto, fedprox, fedrep, local, scaffold  # noqa: E402, F401, I001
 from .base import (
     FAMILIES,
     Algorithm,
