@@ -4,7 +4,6 @@ Importing this package registers every built-in algorithm; plug-ins come through
 ``fl_core.algorithms`` entry-point group (see `registry`).
 """
 
-# built-in algorithms register themselves on import
 from .base import (
     FAMILIES,
     Algorithm,
