@@ -317,3 +317,14 @@ def test_fedavg_refuses_a_heterogeneous_model_group_clearly():
     )
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "heterogeneous" in res.output
+
+
+def test_an_architecture_too_small_for_the_input_is_refused_before_training():
+    # cnn4 needs at least 16 px; Local builds no server model, so the engine must check
+    cfg = build_config(
+        synthetic_config(algorithm={"name": "local"}, model={"name": "cnn4", "feature_dim": 8})
+    )
+    from fl_core.models import ModelError
+
+    with pytest.raises(ModelError, match="too small for cnn4"):
+        Federation(cfg)

@@ -55,6 +55,9 @@ class Federation:
         self.new_client_ids = list(range(self.num_clients, total_clients))
         self.runtime = ClientRuntime.from_config(config, dataset, self.device)
         self.architectures = {c: self.runtime.architecture(c) for c in range(total_clients)}
+        # build every architecture now: one that cannot take this input fails before training
+        for arch in dict.fromkeys(self.architectures.values()):
+            self.runtime.initial_state(arch)
         self.server_context = ServerContext(
             algorithm=self.algorithm.name,
             device=self.device,
