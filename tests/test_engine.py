@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fl_core.algorithms import get_algorithm, message_nbytes
+from fl_core.algorithms import get_algorithm, tensor_nbytes
 from fl_core.algorithms.common import weighted_average
 from fl_core.config import ConfigError, build_config, load_config
 from fl_core.engine import ClientStateStore, Federation, run
@@ -126,7 +126,7 @@ def test_byte_counts_equal_model_size_times_clients():
     n = cfg.data.num_clients
     assert up == n * model_bytes
     assert down == n * model_bytes
-    assert message_nbytes({"a": torch.zeros(3, dtype=torch.float16)}) == 6
+    assert tensor_nbytes({"a": torch.zeros(3, dtype=torch.float16)}) == 6
     fed.close()
 
 

@@ -16,7 +16,6 @@ from .base import (
     Server,
     ServerContext,
     TrainResult,
-    message_nbytes,
 )
 from .parts import PartError, Select, is_batchnorm, tensor_nbytes
 from .registry import (
@@ -47,7 +46,6 @@ __all__ = [
     "get_algorithm",
     "is_batchnorm",
     "list_algorithms",
-    "message_nbytes",
     "register_algorithm",
     "registered_algorithms",
     "tensor_nbytes",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fl_core.seeding import torch_generator
 
-from .parts import Part, Selector, load_flat, select_state, selected_keys, tensor_nbytes
+from .parts import Part, Selector, load_flat, select_state, selected_keys
 
 if TYPE_CHECKING:
     from fl_core.config import FederationSpec
@@ -44,7 +44,6 @@ FAMILIES: dict[str, str] = {
     "KT": "knowledge transfer",
 }
 
-message_nbytes = tensor_nbytes
 
 
 class HParams(BaseModel):
@@ -348,12 +347,3 @@ class Algorithm:
     family: Family
     paper: str = ""
     heterogeneous: bool = False  # works when clients have different architectures
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "family": self.family,
-            "paper": self.paper,
-            "heterogeneous": self.heterogeneous,
-            "description": self.description,
-        }
