@@ -24,14 +24,14 @@ def _config(path: Path, rounds: int) -> Path:
         "data": {
             "dataset": "synthetic",
             "num_clients": 5,
-            "source_options": {"num_samples": 800, "num_classes": 5, "image_size": 16},
+            "source_options": {"num_samples": 600, "num_classes": 5, "image_size": 16},
         },
         "model": {"name": "mlp", "feature_dim": 32},
         "algorithm": {"name": "scaffold"},
         "federation": {
             "rounds": rounds,
             "join_ratio": 0.6,
-            "local_epochs": 2,
+            "local_epochs": 1,
             "batch_size": 8,
             "lr": 0.02,
             "executor": "sequential",
@@ -52,7 +52,7 @@ def _metrics(folder: Path) -> list[dict]:
 
 
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
-    rounds = 12
+    rounds = 20
     cfg = _config(tmp_path / "cfg.yaml", rounds)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full = tmp_path / "full"
