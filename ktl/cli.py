@@ -212,11 +212,73 @@ def list_models_cmd() -> None:
 
 
 @list_app.command("groups")
-def list_groups_cmd() -> None:
-    """Heterogeneous model groups (client i gets entry i mod the group's size)."""
-    from fl_core.models.groups import list_groups
+def list_groups_cmd(
+    input_shape: Annotated[
+        str, typer.Option("--input-shape", help="CxHxW of the input the counts are for")
+    ] = "3x32x32",
+    num_classes: Annotated[int, typer.Option("--num-classes", min=1, help="classes K")] = 10,
+    feature_dim: Annotated[int, typer.Option("--feature-dim", min=1, help="feature size")] = 512,
+) -> None:
+    """Heterogeneous model groups (client i gets entry i mod the group's size), each architecture
+    with its parameter count (whole model, and the head) for one input shape."""
+    import torch
 
-    _print_mapping("model groups", {k: ", ".join(v) for k, v in list_groups().items()})
+    from fl_core.models import GROUP_ALIASES, ModelError, build_model, list_groups, parse_arch
+
+    try:
+        shape = tuple(int(d) for d in input_shape.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        fail(f"--input-shape must be CxHxW with positive integers, e.g. 3x32x32; got {input_shape}")
+
+    # (body, own head) parameters per registered model, built once on the meta device (shapes
+    # without memory or initialisation: resnet152 takes a fraction of a second); a "+head..."
+    # entry reuses its model's body count and counts its head from the spec.
+    bodies: dict[str, tuple[int, int] | str] = {}
+
+    def count(arch: str) -> tuple[int, int] | str:
+        name, head_spec = parse_arch(arch)
+        if name not in bodies:
+            try:
+                with torch.device("meta"):
+                    model = build_model(name, shape, num_classes, feature_dim)
+            except ModelError as e:
+                bodies[name] = "input too small" if "too small" in str(e) else str(e)
+            else:
+                bodies[name] = tuple(
+                    sum(p.numel() for p in part.parameters()) for part in (model.body, model.head)
+                )
+        found = bodies[name]
+        if isinstance(found, str):
+            return found
+        head = found[1] if head_spec is None else head_spec.num_parameters(feature_dim, num_classes)
+        return found[0] + head, head
+
+    aliases: dict[str, list[str]] = {}
+    for alias, name in GROUP_ALIASES.items():
+        aliases.setdefault(name, []).append(alias)
+    table = Table(
+        title=f"model groups: parameters for input {'x'.join(map(str, shape))}, "
+        f"{num_classes} classes, feature_dim {feature_dim}",
+        caption="client i gets entry i mod the group's size. 'model+head_256': the model's body "
+        "with head Linear(feature_dim, 256), ReLU, Linear(256, K); '+head': Linear(feature_dim, "
+        "K); '_relu': a ReLU after the logits too (HtFLlib's Head)",
+    )
+    table.add_column("group", style="bold", overflow="fold")
+    table.add_column("i", justify="right")
+    table.add_column("architecture", overflow="fold")
+    table.add_column("parameters", justify="right")
+    table.add_column("head", justify="right")
+    for name, archs in list_groups().items():
+        label = name + "".join(f"\n(alias {a})" for a in aliases.get(name, []))
+        for i, arch in enumerate(archs):
+            n = count(arch)
+            total, head = (f"{n[0]:,}", f"{n[1]:,}") if isinstance(n, tuple) else (n, "")
+            table.add_row(
+                label if i == 0 else "", str(i), arch, total, head, end_section=i == len(archs) - 1
+            )
+    console.print(table)
 
 
 @list_app.command("datasets")

@@ -4,6 +4,21 @@ Every model is a `SplitModel`: `body` maps an image batch to flat features of si
 `feature_dim`, `head` maps those features to logits. pFL/HtFL algorithms address the two parts
 as named submodules (`model.body`, `model.head`); nothing here or there finds a layer by guessing
 its attribute name.
+
+An *architecture* string names what `build_model` builds: a registered model ("resnet34"), or a
+registered model with another classifier head, "<model>+<head>" ("resnet34+head_256"). The head
+spec is `head`, then the widths of its hidden layers, then optionally `_relu`:
+
+- "head": Linear(feature_dim, K), the same head (and state-dict keys) as most models' default;
+- "head_256": Linear(feature_dim, 256), ReLU, Linear(256, K); "head_512_128" has two hidden
+  layers;
+- "..._relu": a ReLU after the logits as well, as HtFLlib's `Head` has (see `HeadSpec`).
+
+HtFLlib's `Head(hidden_dims=[512, 256])` is "head_256" here: the first entry of its list is the
+feature size (it must equal feature_dim), so it is left out and a spec works for any feature_dim.
+The body is the registered model's body, untouched; only the head is replaced, so `body`/`head`
+stay the split that algorithms exchange. Heterogeneous-classifier (HtC) groups are lists of such
+strings (`fl_core.models.groups`).
 """
 
 from __future__ import annotations
@@ -46,17 +61,22 @@ class SplitModel(nn.Module):
         head: nn.Module | None = None,
         arch: str = "custom",
         input_shape: InputShape | None = None,
+        head_spec: HeadSpec | None = None,
     ) -> None:
         super().__init__()
         self.feature_dim = int(feature_dim)
         self.num_classes = int(num_classes)
         self.arch = arch
         self.input_shape = input_shape
+        self.head_spec = head_spec
         self.body = body
         self.head = head if head is not None else self.make_head(self.feature_dim, self.num_classes)
 
     def make_head(self, feature_dim: int, num_classes: int) -> nn.Module:
-        """A fresh head for this architecture; `reset_head` calls it too."""
+        """A fresh head for this architecture (its `head_spec` if it has one); `reset_head` calls
+        it too."""
+        if self.head_spec is not None:
+            return self.head_spec.build(feature_dim, num_classes)
         return nn.Linear(feature_dim, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +100,70 @@ class SplitModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, feature_dim={self.feature_dim}, num_classes={self.num_classes}"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A classifier head: Linear layers from features to logits with a ReLU after each hidden one.
+
+    hidden: the hidden layers' widths, from the features to the logits; () is one Linear layer.
+    final_relu: also a ReLU after the logits. HtFLlib's `Head` has one (it appends a ReLU after
+    every Linear, the last included), which clamps logits at 0: a class whose pre-activation is
+    negative gets logit 0 and no gradient through it. Off by default, as a classifier's logits
+    are unconstrained; on (the "_relu" suffix) to reproduce HtFLlib.
+    """
+
+    hidden: tuple[int, ...] = ()
+    final_relu: bool = False
+
+    def __post_init__(self) -> None:
+        widths = tuple(self.hidden) if isinstance(self.hidden, (tuple, list)) else None
+        if widths is None or not all(_is_positive_int(w) for w in widths):
+            raise ModelError(f"head hidden widths must be positive integers, got {self.hidden!r}")
+        object.__setattr__(self, "hidden", tuple(int(w) for w in widths))
+        object.__setattr__(self, "final_relu", bool(self.final_relu))
+
+    @property
+    def name(self) -> str:
+        """The spec as written in an architecture string: "head_512_128", "head_relu"."""
+        widths = "".join(f"_{w}" for w in self.hidden)
+        return f"head{widths}{'_relu' if self.final_relu else ''}"
+
+    @classmethod
+    def parse(cls, text: str) -> HeadSpec:
+        """A spec from its name: "head", "head_256", "head_512_128", "head_256_relu"."""
+        match = _HEAD_RE.match(text.strip().lower()) if isinstance(text, str) else None
+        if match is None:
+            raise ModelError(
+                f"a head spec is 'head', then optional hidden widths, then optional '_relu' "
+                f"(e.g. 'head', 'head_256', 'head_512_128', 'head_256_relu'); got {text!r}"
+            )
+        widths = tuple(int(w) for w in (match.group("hidden") or "").split("_") if w)
+        return cls(widths, final_relu=match.group("relu") is not None)
+
+    def build(self, feature_dim: int, num_classes: int) -> nn.Module:
+        """The head module. Without hidden layers or final ReLU it is a bare `nn.Linear`, the
+        same module (and state-dict keys) as the default head."""
+        if not self.hidden and not self.final_relu:
+            return nn.Linear(feature_dim, num_classes)
+        layers: list[tuple[str, nn.Module]] = []
+        width = feature_dim
+        for i, size in enumerate(self.hidden, start=1):
+            layers += [(f"fc{i}", nn.Linear(width, size)), (f"relu{i}", nn.ReLU())]
+            width = size
+        layers.append(("logits", nn.Linear(width, num_classes)))
+        if self.final_relu:
+            layers.append(("logits_relu", nn.ReLU()))
+        return nn.Sequential(OrderedDict(layers))
+
+    def num_parameters(self, feature_dim: int, num_classes: int) -> int:
+        """Weights and biases of the head: sum over its Linear layers of (in + 1) * out."""
+        sizes = [feature_dim, *self.hidden, num_classes]
+        return sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+_HEAD_RE = re.compile(r"^head(?P<hidden>(?:_[0-9]+)*)(?P<relu>_relu)?$")
+ARCH_HEAD_SEPARATOR = "+"
 
 
 class FeaturePool(nn.Module):
@@ -189,8 +273,31 @@ def list_models() -> dict[str, str]:
 
 def get_model_spec(name: str) -> ModelSpec:
     if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(_REGISTRY)}")
+        raise ModelError(
+            f"unknown model {name!r}; valid names: {', '.join(_REGISTRY)} (optionally with a "
+            f"head: '<model>+head_<hidden widths>', e.g. 'resnet34+head_256')"
+        )
     return _REGISTRY[name.lower()]
+
+
+def parse_arch(arch: str) -> tuple[str, HeadSpec | None]:
+    """An architecture string -> (registered model name, head spec or None for its own head).
+
+    "resnet34" -> ("resnet34", None); "ResNet34+head_256" -> ("resnet34", HeadSpec((256,))).
+    """
+    if not isinstance(arch, str):
+        raise ModelError(f"an architecture is a string such as 'resnet34', got {arch!r}")
+    model, sep, head = arch.strip().partition(ARCH_HEAD_SEPARATOR)
+    spec = get_model_spec(model.strip())
+    if not sep:
+        return spec.name, None
+    return spec.name, HeadSpec.parse(head)
+
+
+def canonical_arch(arch: str) -> str:
+    """The architecture string in its one spelling: "ResNet34 + Head_256" -> "resnet34+head_256"."""
+    model, head = parse_arch(arch)
+    return model if head is None else f"{model}{ARCH_HEAD_SEPARATOR}{head.name}"
 
 
 def build_model(
@@ -200,12 +307,15 @@ def build_model(
     feature_dim: int | None = None,
     **options: Any,
 ) -> SplitModel:
-    """Build the registered model `name` for inputs of `input_shape` = (C, H, W).
+    """Build the architecture `name` for inputs of `input_shape` = (C, H, W).
 
-    feature_dim: size of the body's output (default 512). options: architecture-specific
-    keywords (e.g. `stem`, `feature_align`, `hidden`); see each builder's docstring.
+    name: a registered model, or "<model>+<head spec>" (see the module docstring) for that
+    model's body with another classifier head. feature_dim: size of the body's output (default
+    512). options: the model's own keywords (e.g. `stem`, `feature_align`, `hidden`); see each
+    builder's docstring.
     """
-    spec = get_model_spec(name)
+    model_name, head_spec = parse_arch(name)
+    spec = get_model_spec(model_name)
     shape = _check_input_shape(input_shape)
     num_classes = _check_positive_int("num_classes", num_classes)
     feature_dim = _check_positive_int(
@@ -222,7 +332,12 @@ def build_model(
         valid = list(spec.options) or "none"
         raise ModelError(f"unknown option(s) {unknown} for {spec.name}; valid options: {valid}")
     model = spec.builder(shape, num_classes, feature_dim, **options)
-    model.arch = spec.name
+    if head_spec is not None:
+        # The registered model's body, with the head the spec describes (in place of its own).
+        model = SplitModel(model.body, feature_dim, num_classes, head_spec=head_spec)
+    model.arch = (
+        spec.name if head_spec is None else f"{spec.name}{ARCH_HEAD_SEPARATOR}{head_spec.name}"
+    )
     model.input_shape = shape
     return model
 
