@@ -328,3 +328,19 @@ def test_an_architecture_too_small_for_the_input_is_refused_before_training():
 
     with pytest.raises(ModelError, match="too small for cnn4"):
         Federation(cfg)
+
+
+def test_a_client_task_runs_on_a_runtime_built_without_any_server():
+    from fl_core.data.federated import build_federated_dataset
+    from fl_core.engine import ClientRuntime, Task
+
+    cfg = build_config(synthetic_config())
+    dataset = build_federated_dataset(cfg.data, seed=cfg.seed, batch_size=16)
+    runtime = ClientRuntime.from_config(cfg, dataset, torch.device("cpu"))
+    result = runtime.run_task(Task("fit", 2, 1, {}, "", {}))
+    # the reply describes itself: its sample count comes from the client, not from a server
+    assert result.num_samples == dataset.clients[2].num_train
+    assert result.metrics["steps"] == 5 * -(-dataset.clients[2].num_train // 16)
+    assert set(result.message) == {f"model/{k}" for k in runtime.new_model("mlp").state_dict()}
+    again = runtime.run_task(Task("fit", 2, 1, {}, "", {}))
+    assert all(torch.equal(result.message[k], again.message[k]) for k in result.message)
