@@ -45,7 +45,6 @@ FAMILIES: dict[str, str] = {
 }
 
 
-
 class HParams(BaseModel):
     """Base of every algorithm's typed hyperparameters (unknown keys are rejected)."""
 
