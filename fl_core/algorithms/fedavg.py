@@ -27,11 +27,23 @@ class FedAvgClient(Client):
 
 
 class FedAvgServer(Server):
-    """Keeps the shared model tensors and broadcasts them to every selected client."""
+    """Keeps the shared model tensors and broadcasts them to every selected client.
+
+    Subclasses that average something else (a shared small model) override `initial_state`;
+    those that weight updates otherwise override `weight`.
+    """
 
     def __init__(self, ctx: ServerContext, hparams: HParams) -> None:
         super().__init__(ctx, hparams)
-        self.global_state: dict[str, Tensor] = shared_model_state(ctx, ctx.client_shared)
+        self.global_state: dict[str, Tensor] = self.initial_state()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        """What the server holds before round 1: the clients' shared model tensors."""
+        return shared_model_state(self.ctx, self.ctx.client_shared)
+
+    def weight(self, reply: Reply) -> float:
+        """A reply's weight in the average: its sample count."""
+        return float(reply.num_samples)
 
     def broadcast(self, round: int) -> Message:
         return self.global_state
@@ -48,7 +60,7 @@ class FedAvgServer(Server):
         # a tensor no client sent this round keeps its value
         self.global_state = {
             **self.global_state,
-            **weighted_average([(r.message, r.num_samples) for r in replies.values()]),
+            **weighted_average([(r.message, self.weight(r)) for r in replies.values()]),
         }
 
     def state_dict(self) -> dict[str, Tensor]:

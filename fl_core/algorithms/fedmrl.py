@@ -54,12 +54,9 @@ from .base import (
     ClientContext,
     EvalReport,
     HParams,
-    Message,
     Reply,
-    Server,
-    ServerContext,
 )
-from .common import weighted_average
+from .fedavg import FedAvgServer
 from .parts import Part
 from .registry import AlgorithmError, register_algorithm
 
@@ -174,41 +171,21 @@ class FedMRLClient(Client):
         return super().evaluate(model, train_loss)
 
 
-class FedMRLServer(Server):
+class FedMRLServer(FedAvgServer):
     """Holds the shared small model and averages the clients' copies."""
 
-    def __init__(self, ctx: ServerContext, hparams: FedMRLHParams) -> None:
-        super().__init__(ctx, hparams)
+    def initial_state(self) -> dict[str, Tensor]:
         model = build_shared_model(
-            hparams,
-            ctx.input_shape,
-            ctx.num_classes,
-            ctx.feature_dim,
-            seed=int(torch.randint(2**62, (1,), generator=ctx.rng(0, "global-init"))),
+            self.hp,
+            self.ctx.input_shape,
+            self.ctx.num_classes,
+            self.ctx.feature_dim,
+            seed=int(torch.randint(2**62, (1,), generator=self.ctx.rng(0, "global-init"))),
         )
-        self.global_state = {
-            f"global/{k}": v.detach().clone() for k, v in model.state_dict().items()
-        }
+        return {f"global/{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
-    def broadcast(self, round: int) -> Message:
-        return self.global_state
-
-    def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
-        if not replies:
-            return
-        for cid, reply in replies.items():
-            if set(reply.message) != set(self.global_state):
-                raise AlgorithmError(f"client {cid} did not upload exactly the shared model")
-        by_samples = self.hp.aggregate_by == "samples"
-        self.global_state = weighted_average(
-            [(r.message, r.num_samples if by_samples else 1.0) for r in replies.values()]
-        )
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.global_state)
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.global_state = dict(state)
+    def weight(self, reply: Reply) -> float:
+        return float(reply.num_samples) if self.hp.aggregate_by == "samples" else 1.0
 
 
 register_algorithm(

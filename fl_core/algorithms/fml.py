@@ -46,8 +46,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from .base import Client, ClientContext, HParams, Message, Reply, Server, ServerContext
-from .common import weighted_average
+from .base import Client, ClientContext, HParams, Reply, ServerContext
+from .fedavg import FedAvgServer
 from .parts import Part, select_state
 from .registry import AlgorithmError, register_algorithm
 
@@ -167,36 +167,15 @@ class FMLClient(Client):
         self.train(self.pair, epochs=epochs)
 
 
-class FMLServer(Server):
+class FMLServer(FedAvgServer):
     """Holds the global meme model and averages the uploaded ones."""
 
-    def __init__(self, ctx: ServerContext, hparams: FMLHParams) -> None:
-        super().__init__(ctx, hparams)
-        meme = build_shared_model(ctx, hparams.shared_model)
-        self.global_state: dict[str, Tensor] = select_state({"meme": meme}, ["meme"])
+    def initial_state(self) -> dict[str, Tensor]:
+        meme = build_shared_model(self.ctx, self.hp.shared_model)
+        return select_state({"meme": meme}, ["meme"])
 
-    def broadcast(self, round: int) -> Message:
-        return self.global_state
-
-    def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
-        if not replies:
-            return
-        for cid, reply in replies.items():
-            if set(reply.message) != set(self.global_state):
-                unknown = sorted(set(reply.message) ^ set(self.global_state))[:3]
-                raise AlgorithmError(
-                    f"client {cid} uploaded a meme that differs from the server's in {unknown}"
-                )
-        by_samples = self.hp.aggregate_by == "samples"
-        self.global_state = weighted_average(
-            [(r.message, r.num_samples if by_samples else 1.0) for r in replies.values()]
-        )
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.global_state)
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.global_state = dict(state)
+    def weight(self, reply: Reply) -> float:
+        return float(reply.num_samples) if self.hp.aggregate_by == "samples" else 1.0
 
 
 register_algorithm(
