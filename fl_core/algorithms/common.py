@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Message, ServerContext
+from .base import ClientContext, Message, ServerContext
 from .parts import Select, Selector, select_state
 from .registry import AlgorithmError
 
@@ -80,16 +80,16 @@ def _describe(selectors: list[Select]) -> str:
 
 
 @torch.no_grad()
-def class_feature_sums(
-    body: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Per-class sums of ``body`` features over (x, y) in eval mode, and the class counts."""
+def class_means(model: nn.Module, ctx: ClientContext) -> tuple[Tensor, Tensor]:
+    """Per-class mean body features of the client's training data (eval mode), and the class
+    counts: a (classes, feature_dim) tensor with zero rows for classes the client lacks, and a
+    (classes,) int64 tensor. The prototypes of FedProto, FedGH, FedTGP."""
+    body = model.body
     body.eval()
-    sums: Tensor | None = None
-    for start in range(0, x.shape[0], batch_size):
-        f = body(x[start : start + batch_size].to(device)).float()
-        if sums is None:
-            sums = torch.zeros(num_classes, f.shape[1], device=device)
-        sums.index_add_(0, y[start : start + batch_size].to(device), f)
-    counts = torch.bincount(y.to(device), minlength=num_classes)
-    return sums, counts
+    sums = torch.zeros(ctx.num_classes, model.feature_dim, device=ctx.device)
+    bs = ctx.settings.eval_batch_size
+    for start in range(0, ctx.num_train, bs):
+        features = body(ctx.train_x[start : start + bs].to(ctx.device)).float()
+        sums.index_add_(0, ctx.train_y[start : start + bs].to(ctx.device), features)
+    counts = torch.bincount(ctx.train_y.to(ctx.device), minlength=ctx.num_classes)
+    return sums / counts.clamp(min=1).unsqueeze(1), counts

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .base import Client, HParams, Message, Reply, Server, ServerContext
-from .common import class_feature_sums, shared_model_state
+from .common import class_means, shared_model_state
 from .registry import AlgorithmError, register_algorithm
 
 HEAD_PREFIX = "model/head."
@@ -55,21 +55,9 @@ class FedGHClient(Client):
 
     def fit(self) -> Reply:
         result = self.train()
-        ctx = self.ctx
-        sums, counts = class_feature_sums(
-            self.model.body,
-            ctx.train_x,
-            ctx.train_y,
-            ctx.num_classes,
-            ctx.settings.eval_batch_size,
-            ctx.device,
-        )
-        held = torch.nonzero(counts > 0).flatten()
-        if sums is None:  # no training data: nothing to upload
-            means = torch.zeros(0, self.model.feature_dim, device=ctx.device)
-        else:
-            means = sums[held] / counts[held].unsqueeze(1)
-        return self.reply({"proto/local": means, "proto/labels": held}, result)
+        means, counts = class_means(self.model, self.ctx)
+        held = torch.nonzero(counts > 0).flatten()  # only the classes this client holds
+        return self.reply({"proto/local": means[held], "proto/labels": held}, result)
 
 
 class FedGHServer(Server):

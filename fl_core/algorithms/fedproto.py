@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .base import Client, ClientContext, HParams, Message, Reply, Server, ServerContext
-from .common import class_feature_sums
+from .common import class_means
 from .parts import Part
 from .registry import register_algorithm
 
@@ -67,18 +67,7 @@ class FedProtoClient(Client):
 
     def fit(self) -> Reply:
         result = self.train()
-        ctx = self.ctx
-        sums, counts = class_feature_sums(
-            self.model.body,
-            ctx.train_x,
-            ctx.train_y,
-            ctx.num_classes,
-            ctx.settings.eval_batch_size,
-            ctx.device,
-        )
-        if sums is None:  # no training data
-            sums = torch.zeros_like(self.proto["global"])
-        means = sums / counts.clamp(min=1).unsqueeze(1)
+        means, counts = class_means(self.model, self.ctx)
         return self.reply({"proto/local": means, "proto/local_count": counts}, result)
 
     def predict(self, model: nn.Module, x: Tensor) -> Tensor:
