@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import tiny_config
 from torch import nn
 
 from fl_core.algorithms import (
@@ -26,26 +27,7 @@ from fl_core.models import build_model
 
 
 def config(algorithm: str, **hparams) -> dict:
-    return {
-        "seed": 11,
-        "data": {
-            "dataset": "synthetic",
-            "partition": "dir",
-            "alpha": 0.5,
-            "num_clients": 4,
-            "source_options": {"num_samples": 600, "num_classes": 4, "image_size": 12},
-        },
-        "model": {"name": "mlp", "feature_dim": 16},
-        "algorithm": {"name": algorithm, **hparams},
-        "federation": {
-            "rounds": 3,
-            "local_epochs": 1,
-            "batch_size": 16,
-            "lr": 0.05,
-            "executor": "sequential",
-            "checkpoint_every": None,
-        },
-    }
+    return tiny_config(algorithm, image_size=12, **hparams)
 
 
 def flat_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_config
 from torch import nn
 
 from fl_core.algorithms import get_algorithm
@@ -38,27 +39,7 @@ def _keep_torch_threads():
 
 
 def config(algorithm: str, model: str = "mlp", rounds: int = 3, **hparams) -> dict:
-    return {
-        "seed": 11,
-        "threads": 1,
-        "data": {
-            "dataset": "synthetic",
-            "partition": "dir",
-            "alpha": 0.5,
-            "num_clients": 4,
-            "source_options": {"num_samples": 600, "num_classes": C, "image_size": 16},
-        },
-        "model": {"name": model, "feature_dim": D},
-        "algorithm": {"name": algorithm, **hparams},
-        "federation": {
-            "rounds": rounds,
-            "local_epochs": 1,
-            "batch_size": 16,
-            "lr": 0.05,
-            "executor": "sequential",
-            "checkpoint_every": None,
-        },
-    }
+    return tiny_config(algorithm, model, rounds, classes=C, feature_dim=D, **hparams)
 
 
 def histories_equal(a, b) -> bool:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_config
 from torch.func import functional_call, jvp
 
 from fl_core.algorithms import Reply
@@ -24,26 +25,16 @@ CLASSES, FEATURES, LR, BATCH = 4, 16, 0.05, 16
 
 
 def config(algorithm: str, model: str = MIXED, rounds: int = 3, **hparams) -> dict:
-    return {
-        "seed": 11,
-        "data": {
-            "dataset": "synthetic",
-            "partition": "dir",
-            "alpha": 0.5,
-            "num_clients": 4,
-            "source_options": {"num_samples": 600, "num_classes": CLASSES, "image_size": 16},
-        },
-        "model": {"name": model, "feature_dim": FEATURES},
-        "algorithm": {"name": algorithm, **hparams},
-        "federation": {
-            "rounds": rounds,
-            "local_epochs": 1,
-            "batch_size": BATCH,
-            "lr": LR,
-            "executor": "sequential",
-            "checkpoint_every": None,
-        },
-    }
+    return tiny_config(
+        algorithm,
+        model,
+        rounds,
+        classes=CLASSES,
+        feature_dim=FEATURES,
+        batch_size=BATCH,
+        lr=LR,
+        **hparams,
+    )
 
 
 def federation(algorithm: str, model: str = MIXED, **hparams) -> Federation:
