@@ -10,6 +10,11 @@ each with the heads `Head(hidden_dims=...)` [512], [512, 512], [512, 256], [512,
 and head i mod 4 from two lists; here a group is one list of lcm(8, 4) = 8 (or 4) "body+head"
 entries, which gives every client the same pair.
 
+HtFE-img-cpu-4 is ours, not HtFLlib's: HtFE-img-4 with its two costliest members replaced by
+cheap ones of other families, ("cnn4", "googlenet", "mlp", "resnet4") (plain CNN, Inception, MLP,
+ResNet), so that a 20-client Fashion-MNIST round trains on two CPU cores (about 3x the cost of a
+cnn4 round, against about 17x for HtFE-img-4; throughputs in benchmarks/reproduce_htfl.py).
+
 Differences from HtFLlib's HtC groups:
 - HtFLlib's `Head` puts a ReLU after the logits too. Here the heads end in the logit Linear (a
   classifier's logits are not clamped at 0, which would leave a class with a negative
@@ -54,6 +59,8 @@ _CANONICAL_GROUPS: dict[str, tuple[str, ...]] = {
         "resnet152",
     ),
     "HtM-img-10": (*_HTFE_IMG_8, "vit_b_16", "vit_b_32"),
+    # ours: cheap members of four families, cnn4 first (client 0, as in HtFE-img-4/8)
+    "HtFE-img-cpu-4": ("cnn4", "googlenet", "mlp", "resnet4"),
 }
 
 HTC_IMG_4_HEADS = ("head", "head_512", "head_256", "head_128")
