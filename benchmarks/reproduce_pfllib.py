@@ -117,7 +117,9 @@ def write_table(rows: list[dict]) -> None:
         "client evaluated every round. `pat` = pathological (2 classes per client), `dir` = "
         "practical Dirichlet(0.1). Best = best mean test accuracy over the evaluated rounds "
         "(round reached in brackets); PFLlib's figure is its best over 2,000 rounds. Seconds "
-        "per round include the evaluation of every client. Written by "
+        "per round include the evaluation of every client and are those of the machine at "
+        "the time, other jobs included (a row extended from a shorter run averages both "
+        "sessions): compare them only within one session. Written by "
         "`benchmarks/reproduce_pfllib.py`.",
         "",
         "| algorithm | scenario | rounds run | best (round) | PFLlib | gap | final | s/round "
