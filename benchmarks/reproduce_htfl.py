@@ -69,6 +69,16 @@ PROTOCOL = {"data.partition": "dir", "data.alpha": 0.1, "data.num_clients": 20}
 # are rounds of the run here, in which clients do not train: 50 would leave a 20-round run
 # untrained. One warm-up round (2.5% of 20 rounds, rounded up) meta-learns the guides once.
 ALGORITHM_OVERRIDES: dict[str, list[str]] = {"fedl2g": ["algorithm.warm_up_rounds=1"]}
+# Overrides that change where and how a run executes, not what it computes: kept out of a row's
+# key, so a GPU run of the protocol is the protocol's row (its device is stated beside it).
+RUNTIME_KEYS = (
+    "device",
+    "threads",
+    "federation.executor",
+    "federation.workers",
+    "federation.threads_per_worker",
+    "federation.checkpoint_every",
+)
 HTFE8_SMOKE = {
     "group": "HtFE-img-8",
     "rounds": 2,
@@ -217,7 +227,46 @@ def run_folder(store: Store, algorithm: str, group: str, extra: list[str]) -> Pa
     return store.runs / re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
 
-def run_row(store: Store, algorithm: str, group: str, rounds: int, extra: list[str]) -> dict:
+class DeadlineReached(Exception):
+    """Raised from the round callback when a run's time budget is spent."""
+
+
+def split_runtime(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(protocol overrides, runtime overrides) of ``--set`` items."""
+    runtime = [o for o in extra if o.split("=", 1)[0].strip() in RUNTIME_KEYS]
+    return [o for o in extra if o not in runtime], runtime
+
+
+def machine_name(device: str) -> str:
+    text = f"{platform.machine()}, {os.cpu_count()} cores"
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def rows_from_metrics(metrics_file: Path) -> list[dict]:
+    """The per-round records of a run folder (round 0, the initial evaluation, excluded)."""
+    recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return [r for r in recs if r["round"] > 0]
+
+
+def run_row(
+    store: Store,
+    algorithm: str,
+    group: str,
+    rounds: int,
+    extra: list[str],
+    runtime: list[str] = (),
+    deadline: float | None = None,
+) -> dict:
+    """Run (or continue) one algorithm and return its row. With ``deadline`` (a
+    ``time.monotonic()`` value) the run stops after the first round that ends past it and the
+    row is partial: ``rounds_run`` < ``rounds``."""
+    import statistics
+
     from fl_core.config import load_config
     from fl_core.engine import run
     from fl_core.engine.checkpoint import find_checkpoint
@@ -232,6 +281,7 @@ def run_row(store: Store, algorithm: str, group: str, rounds: int, extra: list[s
         "federation.checkpoint_every=1",
         *ALGORITHM_OVERRIDES.get(algorithm, []),
         *extra,
+        *runtime,
     ]
     cfg = load_config(ROOT / "configs" / "default.yaml", overrides)
     out = run_folder(store, algorithm, group, extra)
@@ -245,10 +295,28 @@ def run_row(store: Store, algorithm: str, group: str, rounds: int, extra: list[s
     def progress(rnd: int, rec) -> None:
         acc = f" acc {rec.metrics['test_acc']:.4f}" if rec is not None else ""
         print(f"  {group}/{algorithm} round {rnd}/{rounds}{acc}", flush=True)
+        if deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline:
+            raise DeadlineReached
 
-    result = run(cfg, out_dir=out, on_round=progress, resume=resume)
-    summary = result.summary()
-    per_round = max(result.rounds_run, 1)
+    try:
+        summary = run(cfg, out_dir=out, on_round=progress, resume=resume).summary()
+    except DeadlineReached:
+        recs = rows_from_metrics(out / "metrics.jsonl")
+        best = max(recs, key=lambda r: (r["test_acc"], -r["round"]))
+        med = statistics.median
+        summary = {
+            "best_test_acc": best["test_acc"],
+            "best_round": best["round"],
+            "final_test_acc": recs[-1]["test_acc"],
+            "rounds": len(recs),
+            "seconds_per_round": sum(r["seconds"] for r in recs) / len(recs),
+            "median_train_seconds": med(r["train_seconds"] for r in recs),
+            "median_eval_seconds": med(r["eval_seconds"] for r in recs),
+            "bytes_up": recs[-1]["bytes_up"],
+            "bytes_down": recs[-1]["bytes_down"],
+        }
+        print(f"  {group}/{algorithm}: time budget spent after {len(recs)} rounds", flush=True)
+    per_round = max(summary["rounds"], 1)
     fed = cfg.federation
     # nominal: exact with join ratio 1 and no drops, as in this protocol
     per_round_clients = max(1, round_half_up(fed.join_ratio * cfg.data.num_clients))
@@ -256,8 +324,10 @@ def run_row(store: Store, algorithm: str, group: str, rounds: int, extra: list[s
         "algorithm": algorithm,
         "group": group,
         "architectures": list(get_group(group)),
-        "rounds": result.rounds_run,
+        "rounds": rounds,
+        "rounds_run": summary["rounds"],
         "overrides": extra,
+        "runtime": list(runtime),
         "algorithm_overrides": ALGORITHM_OVERRIDES.get(algorithm, []),
         "hparams": cfg.algorithm_hparams().model_dump(),
         "clients_per_round": per_round_clients,
@@ -272,7 +342,7 @@ def run_row(store: Store, algorithm: str, group: str, rounds: int, extra: list[s
         "wall_seconds_this_session": time.perf_counter() - t0,
         "resumed": resume,
         "device": cfg.device,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_name(cfg.device),
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -358,21 +428,24 @@ def write_table(store: Store, rows: list[dict]) -> None:
         lines += [
             f"## {what}",
             "",
-            f"Clients train ({', '.join(rs[0]['architectures'])}) in turn; device "
-            f"{rs[0].get('device', 'cpu')}, {rs[0]['machine']}.",
+            f"Clients train ({', '.join(rs[0]['architectures'])}) in turn. Machines: "
+            + "; ".join(sorted({f"{r.get('device', 'cpu')} = {r['machine']}" for r in rs}))
+            + ". A run stopped by its time budget shows fewer rounds run than the setting's.",
             "",
-            "| rank | algorithm | best % (round) | final % | up / round / client "
-            "| down / round / client | s / round | train s (median) | eval s (median) | date |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| rank | algorithm | rounds run | best % (round) | final % | up / round / client "
+            "| down / round / client | s / round | train s (median) | eval s (median) | device "
+            "| date |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for rank, r in enumerate(rs, 1):
             lines.append(
-                f"| {rank} | {label(r)} | {100 * r['best_test_acc']:.2f} "
+                f"| {rank} | {label(r)} | {r.get('rounds_run', r['rounds'])} | "
+                f"{100 * r['best_test_acc']:.2f} "
                 f"({r['best_round']}) | {100 * r['final_test_acc']:.2f} | "
                 f"{fmt_bytes(r['bytes_up_per_round_per_client'])} | "
                 f"{fmt_bytes(r['bytes_down_per_round_per_client'])} | "
                 f"{r['seconds_per_round']:.1f} | {r['median_train_seconds']:.1f} | "
-                f"{r['median_eval_seconds']:.1f} | {r['date']} |"
+                f"{r['median_eval_seconds']:.1f} | {r.get('device', 'cpu')} | {r['date']} |"
             )
         lines.append("")
     lines += comparison(by_setting)
@@ -446,13 +519,32 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="rows JSON (.md beside)")
     ap.add_argument("--runs", type=Path, default=None, help="run folders (default runs/<stem>)")
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown table")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: stop each run after the first round past this budget (a partial row)",
+    )
+    ap.add_argument(
+        "--merge", nargs="+", type=Path, default=None, help="add the rows of other results JSONs"
+    )
     ap.add_argument("--throughput", nargs="+", metavar="ARCH", help="only measure samples/s")
     args = ap.parse_args()
     if args.throughput:
         measure_throughput(args.throughput)
         return
     store = Store(args.results.resolve(), args.runs)
-    group, rounds, extra = args.group, args.rounds, list(args.extra)
+    if args.merge:
+        rows = store.load()
+        for path in args.merge:
+            for row in json.loads(path.read_text()):
+                rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
+        store.save(rows)
+        write_table(store, rows)
+        return
+    deadline = None if args.deadline is None else time.monotonic() + args.deadline
+    group, rounds = args.group, args.rounds
+    extra, runtime = split_runtime(list(args.extra))
     algorithms = args.algorithms
     if args.htfe8_smoke:
         group, rounds = HTFE8_SMOKE["group"], HTFE8_SMOKE["rounds"]
@@ -462,10 +554,13 @@ def main() -> None:
     if not args.table:
         for algorithm in algorithms or default_algorithms():
             key = (algorithm, group, rounds, extra)
-            if any(row_key(r) == key for r in rows):
+            if any(row_key(r) == key and r.get("rounds_run", rounds) >= rounds for r in rows):
                 print(f"kept: {group}/{algorithm}/{rounds} rounds", flush=True)
                 continue
-            row = run_row(store, algorithm, group, rounds, extra)
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"skipped (time budget spent): {group}/{algorithm}", flush=True)
+                continue
+            row = run_row(store, algorithm, group, rounds, extra, runtime, deadline)
             rows = [r for r in store.load() if row_key(r) != key] + [row]
             store.save(rows)
             write_table(store, rows)
