@@ -1,0 +1,199 @@
+"""The defining behaviour of FedFomo, FedAMP, APPLE, FedPCL and FedPAC (personalised aggregation
+and prototype algorithms), and the server-side model store they rely on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import tiny_config
+from torch import nn
+
+from fl_core.algorithms._model_store import ModelStore, pack_models, unpack_models
+from fl_core.algorithms.parts import PartError
+from fl_core.config import ConfigError, build_config
+from fl_core.engine import Federation, run
+
+
+def config(algorithm: str, rounds: int = 3, **hparams) -> dict:
+    return tiny_config(algorithm, rounds=rounds, image_size=12, **hparams)
+
+
+def federation(algorithm: str, **hparams) -> Federation:
+    return Federation(build_config(config(algorithm, **hparams)))
+
+
+def train_rounds(fed: Federation, rounds: int) -> None:
+    for rnd in range(1, rounds + 1):
+        fed.train_round(rnd)
+        fed.aggregate(rnd)
+
+
+def histories(result) -> list[dict]:
+    return [h.metrics for h in result.history]
+
+
+# -- the server's model store ---------------------------------------------------------------
+def test_model_store_spills_past_its_budget_and_reads_back_exactly():
+    default = {"w": torch.zeros(3, 4), "n": torch.zeros((), dtype=torch.int64)}
+    store = ModelStore(memory_budget=2 * (12 * 4 + 8), default=default)
+    states = {c: {"w": torch.randn(3, 4), "n": torch.tensor(c)} for c in range(6)}
+    for c, s in states.items():
+        store.put(c, s)
+    assert store.spills == 4 and store.memory_bytes <= store.memory_budget
+    assert store.ids() == list(range(6))
+    for c, s in states.items():
+        assert all(torch.equal(store.get(c)[k], s[k]) for k in s)
+    assert store.get(99) is store.default  # a client that never uploaded
+    flat = store.state_dict("m/")
+    again = ModelStore(10**9, default)
+    again.load_state_dict(flat, "m/")
+    assert all(torch.equal(again.get(c)["w"], states[c]["w"]) for c in states)
+    with pytest.raises(PartError, match="unexpected"):
+        store.put(0, {"w": torch.zeros(3, 4), "n": torch.tensor(0), "x": torch.zeros(1)})
+
+
+def test_packed_models_unpack_and_a_stray_key_is_refused():
+    template = {"a": torch.zeros(2), "b": torch.zeros(1, 3)}
+    models = [{"a": torch.ones(2), "b": torch.full((1, 3), 2.0)}, template]
+    msg = {**pack_models("peers", models), "other/x": torch.ones(1)}
+    rest, back = unpack_models(msg, "peers", template)
+    assert set(rest) == {"other/x"} and torch.equal(back[0]["b"], models[0]["b"])
+    with pytest.raises(PartError, match="peers/0.c"):
+        unpack_models({"peers/0.c": torch.zeros(1)}, "peers", template)
+    with pytest.raises(PartError, match="shape"):
+        unpack_models({"peers/0.a": torch.zeros(3)}, "peers", template)
+
+
+# -- FedAMP ---------------------------------------------------------------------------------
+def test_fedamp_attraction_has_the_gradient_of_the_squared_distance_to_the_cloud_model():
+    lam, alpha_k = 4.0, 2.0
+    fed = federation("fedamp", lam=lam, alpha_k=alpha_k, sigma=50.0)
+    train_rounds(fed, 1)
+    cid = 0
+    message = fed.server.configure(2, [cid])[cid]
+    client = fed.runtime.client(cid, 2, "train", fed.store.get(cid))
+    client.receive(message)
+    cloud = {k.removeprefix("cloud/"): v for k, v in message.items()}
+    before = {n: p.detach().clone() for n, p in client.model.named_parameters()}
+    assert sum(float((before[n] - cloud[n]).abs().sum()) for n in before) > 1e-3
+
+    x, y = fed.dataset.clients[cid].train_x[:16], fed.dataset.clients[cid].train_y[:16]
+    reference = fed.runtime.new_model(client.ctx.arch)
+    reference.load_state_dict(client.model.state_dict())
+    reg = sum(((p - cloud[n]) ** 2).sum() for n, p in reference.named_parameters())
+    loss = nn.functional.cross_entropy(reference(x), y) + lam / (2 * alpha_k) * reg
+    loss.backward()
+    lr = fed.config.federation.lr
+    expected = {n: p.detach() - lr * p.grad for n, p in reference.named_parameters()}
+
+    client.batches = lambda epochs=None: iter([(x, y)])
+    client.train()
+    for n, p in client.model.named_parameters():
+        assert torch.allclose(p.detach(), expected[n], atol=1e-6), n
+    fed.close()
+
+
+def test_fedamp_cloud_model_is_the_attention_weighted_mix_of_every_stored_model():
+    fed = federation("fedamp", alpha_k=0.05, sigma=2.0)
+    train_rounds(fed, 1)
+    server = fed.server
+    vec = {j: server._vector(server.store.get(j)) for j in range(4)}
+    for i in range(4):
+        xi = torch.tensor(
+            [
+                0.0 if j == i else 0.05 * math.exp(-float(((vec[i] - vec[j]) ** 2).sum()) / 2) / 2
+                for j in range(4)
+            ]
+        )
+        assert 0 < float(xi.sum()) < 1  # a convex combination: no rescaling here
+        expected = (1 - xi.sum()) * vec[i] + sum(xi[j] * vec[j] for j in range(4))
+        got = server.cloud_models([i])[i]
+        assert torch.allclose(got, expected, atol=1e-5)
+    fed.close()
+
+
+def test_fedamp_without_attraction_trains_like_local_and_with_it_does_not():
+    local = histories(run(build_config(config("local"))))
+    assert histories(run(build_config(config("fedamp", lam=0.0)))) == local
+    assert histories(run(build_config(config("fedamp", sigma=50.0)))) != local
+
+
+# -- FedFomo --------------------------------------------------------------------------------
+def test_fedfomo_mixes_in_only_models_that_lower_the_validation_loss():
+    fed = federation("fedfomo")
+    train_rounds(fed, 2)
+    cid = 0
+    # a better model (the own one trained further on the same data) and a worse one (noise);
+    # clients share one pooled model instance, so the better one is built first
+    better = fed.runtime.client(cid, 3, "train", fed.store.get(cid))
+    better.train(epochs=20)
+    good = {k: v.clone() for k, v in better.model.state_dict().items()}
+    client = fed.runtime.client(cid, 3, "train", fed.store.get(cid))
+    own = {k: v.clone() for k, v in client.model.state_dict().items()}
+    bad = {k: v + 3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in own.items()}
+    client.receive({**pack_models("peers", [bad, good]), "fomo/ids": torch.tensor([1, 2])})
+    own_loss = client.validation_loss(client.model)
+    raw = client.weigh_and_mix()
+    assert raw[0] < 0 < raw[1]
+    # the only positive weight normalises to 1: the client's model becomes the better model
+    assert all(torch.allclose(client.model.state_dict()[k].float(), good[k].float()) for k in good)
+    assert client.validation_loss(client.model) < own_loss
+
+    # every received model is worse: the client keeps its own model
+    client = fed.runtime.client(cid, 3, "train", fed.store.get(cid))
+    client.receive({**pack_models("peers", [bad]), "fomo/ids": torch.tensor([1])})
+    assert client.weigh_and_mix()[0] < 0
+    assert all(torch.equal(client.model.state_dict()[k], own[k]) for k in own)
+    fed.close()
+
+
+def test_fedfomo_server_sends_top_affinity_models_and_adds_the_weights_to_affinity():
+    fed = federation("fedfomo", num_models=2, epsilon=0.0)
+    fed.train_round(1)
+    assert all(len(r.message["fomo/ids"]) == 0 for r in fed._pending_replies.values())
+    fed.aggregate(1)
+    fed.server.affinity[0] = torch.tensor([1.0, 0.1, 0.7, 0.3], dtype=torch.float64)
+    chosen = fed.server.choose(2, [0, 1])
+    assert chosen[0] == [2, 3] and 1 not in chosen[1] and len(chosen[1]) == 2
+    before = fed.server.affinity.clone()
+    fed.train_round(2)
+    replies = fed._pending_replies
+    fed.aggregate(2)
+    for cid, reply in replies.items():
+        ids, w = reply.message["fomo/ids"], reply.message["fomo/weights"]
+        assert len(ids) == 2 and cid not in ids.tolist()
+        assert torch.allclose(fed.server.affinity[cid, ids], before[cid, ids] + w)
+    fed.close()
+
+
+def test_fedfomo_validation_split_is_spread_and_held_out_of_training():
+    from fl_core.algorithms.fedfomo import validation_positions
+
+    mask = validation_positions(10, 0.2)
+    assert mask.tolist() == [False, False, False, False, True] * 2
+    fed = federation("fedfomo")
+    client = fed.runtime.client(0, 1, "train", {})
+    seen = torch.cat([x for x, _ in client.batches(1)])
+    n = fed.dataset.clients[0].num_train
+    assert seen.shape[0] == n - int(n * 0.2)
+    fed.close()
+
+
+# -- bad hyperparameters --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "algorithm, field, value",
+    [
+        ("fedamp", "sigma", 0.0),
+        ("fedamp", "lam", -1.0),
+        ("fedfomo", "num_models", 0),
+        ("fedfomo", "val_ratio", 1.0),
+        ("fedfomo", "epsilon", 1.5),
+    ],
+)
+def test_a_bad_hyperparameter_is_a_config_error_naming_it(algorithm, field, value):
+    with pytest.raises(ConfigError, match=f"algorithm.{field}"):
+        build_config(config(algorithm, **{field: value}))
+    with pytest.raises(ConfigError, match="algorithm.nonsense"):
+        build_config(config(algorithm, nonsense=1))
