@@ -181,6 +181,59 @@ def test_fedfomo_validation_split_is_spread_and_held_out_of_training():
     fed.close()
 
 
+# -- APPLE ----------------------------------------------------------------------------------
+def test_apple_dr_weights_start_at_the_sample_shares_which_sum_to_one():
+    fed = federation("apple", dr_lr=0.0)
+    p0 = fed.server.broadcast(1)["dr/p0"]
+    assert torch.allclose(p0, torch.full((4,), 0.25))  # no sample count known before round 1
+    fed.train_round(1)
+    replies = fed._pending_replies
+    fed.aggregate(1)
+    counts = torch.tensor([float(fed.dataset.clients[c].num_train) for c in range(4)])
+    p0 = fed.server.broadcast(2)["dr/p0"]
+    assert torch.allclose(p0, counts / counts.sum()) and math.isclose(float(p0.sum()), 1.0)
+    # with frozen DR weights the personalized model is exactly Σ_j p_j·w_j of this round's cores
+    init = fed.runtime.new_model(fed.architectures[0]).state_dict()
+    for cid, reply in replies.items():
+        state = fed.store.get(cid)
+        p = state["dr/p"]
+        assert torch.allclose(p, torch.full((4,), 0.25)) and math.isclose(float(p.sum()), 1.0)
+        for name, _ in fed.runtime.new_model(fed.architectures[0]).named_parameters():
+            own = reply.message[f"model/{name}"]
+            expected = sum(p[j] * (own if j == cid else init[name]) for j in range(4))
+            assert torch.allclose(state[f"personal/{name}"], expected, atol=1e-6)
+    fed.close()
+
+
+def test_apple_one_step_follows_the_exact_gradients_of_core_and_dr_weights():
+    fed = federation("apple", dr_lr=0.01, mu=0.5, anneal_fraction=1.0)
+    train_rounds(fed, 1)
+    cid, lr, pull = 1, fed.config.federation.lr, 0.5 * (math.cos(math.pi / 3) + 1) / 2
+    broadcast = fed.server.broadcast(2)
+    client = fed.runtime.client(cid, 2, "train", fed.store.get(cid))
+    client.receive(broadcast)
+    p, p0, cores = client.dr["p"].clone(), client.p0.float(), client.cores
+    names = [n for n, _ in client.model.named_parameters()]
+    mixed = fed.runtime.new_model(client.ctx.arch)
+    with torch.no_grad():
+        for n, param in mixed.named_parameters():
+            param.copy_(sum(p[j] * cores[j][n] for j in range(4)))
+    x, y = fed.dataset.clients[cid].train_x[:16], fed.dataset.clients[cid].train_y[:16]
+    nn.functional.cross_entropy(mixed(x), y).backward()
+    g = {n: param.grad for n, param in mixed.named_parameters()}
+    dot = torch.tensor([sum(float((g[n] * cores[j][n]).sum()) for n in names) for j in range(4)])
+    expected_p = p - 0.01 * (dot + 2 * pull * (p - p0))
+    expected_core = {n: cores[cid][n] - lr * p[cid] * g[n] for n in names}
+
+    client.batches = lambda epochs=None: iter([(x, y)])
+    client.train_apple()
+    assert torch.allclose(client.dr["p"], expected_p, atol=1e-5)
+    for n, param in client.model.named_parameters():
+        assert torch.allclose(param.detach(), expected_core[n], atol=1e-6), n
+    assert not torch.allclose(client.dr["p"], p)  # the weights move and are not projected
+    fed.close()
+
+
 # -- bad hyperparameters --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "algorithm, field, value",
@@ -190,6 +243,8 @@ def test_fedfomo_validation_split_is_spread_and_held_out_of_training():
         ("fedfomo", "num_models", 0),
         ("fedfomo", "val_ratio", 1.0),
         ("fedfomo", "epsilon", 1.5),
+        ("apple", "dr_lr", -0.1),
+        ("apple", "schedule", "linear"),
     ],
 )
 def test_a_bad_hyperparameter_is_a_config_error_naming_it(algorithm, field, value):
