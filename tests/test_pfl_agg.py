@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config
@@ -234,6 +235,65 @@ def test_apple_one_step_follows_the_exact_gradients_of_core_and_dr_weights():
     fed.close()
 
 
+# -- FedPAC ---------------------------------------------------------------------------------
+def test_fedpac_qp_solver_matches_a_closed_form():
+    from fl_core.algorithms.fedpac import mixture_weights
+
+    # diag(a, b): minimising a·α₁² + b·α₂² on the simplex gives α ∝ (1/a, 1/b)
+    alpha = mixture_weights(np.diag([1.0, 3.0]))
+    assert np.allclose(alpha, [0.75, 0.25], atol=1e-6)
+    assert np.allclose(mixture_weights(np.ones((1, 1))), [1.0])
+
+
+def test_fedpac_qp_weights_are_a_valid_mixture_that_minimises_the_objective_and_mix_heads():
+    from fl_core.algorithms.fedpac import qp_matrix
+
+    fed = federation("fedpac")
+    fed.train_round(1)
+    replies = fed._pending_replies
+    fed.aggregate(1)
+    ids = sorted(replies)
+    v = torch.cat([replies[c].message["stats/v"].double() for c in ids])
+    h = torch.stack([replies[c].message["stats/h"].double().flatten() for c in ids])
+    rng = np.random.default_rng(0)
+    candidates = np.vstack([np.eye(len(ids)), rng.dirichlet(np.ones(len(ids)), 500)])
+    mixed_any = False
+    for a, cid in enumerate(ids):
+        alpha = fed.server.last_weights[cid]
+        assert (alpha >= 0).all() and math.isclose(alpha.sum(), 1.0, abs_tol=1e-9)
+        p = qp_matrix(v, h, a)
+        best = float(alpha @ p @ alpha)
+        assert best <= min(float(c @ p @ c) for c in candidates) + 1e-9 * max(1.0, best)
+        mixed_any |= bool((alpha < 1 - 1e-6).all())
+        head = fed.server.heads[cid]
+        for key, value in head.items():
+            expected = sum(
+                w * replies[j].message[key].double() for w, j in zip(alpha, ids, strict=True)
+            )
+            assert torch.allclose(value.double(), expected, atol=1e-6)
+    assert mixed_any  # some client draws on other clients' heads
+    # the personalized head is what the client trains from and is evaluated with
+    assert fed.server.configure(2, [0])[0].keys() == fed.server.heads[0].keys()
+    assert fed.server.configure_evaluation(2, [0])[0].keys() == fed.server.heads[0].keys()
+    fed.close()
+
+
+def test_fedpac_statistics_are_the_variance_of_the_class_mean_estimate():
+    fed = federation("fedpac")
+    client = fed.runtime.client(2, 1, "train", {})
+    v, h = client.feature_statistics()
+    data = fed.dataset.clients[2]
+    with torch.no_grad():
+        f = client.model.body(data.train_x).double()
+    n, expected_v = f.shape[0], 0.0
+    for k in range(4):
+        z = f * (data.train_y == k).double().unsqueeze(1)  # f·1[y = k]
+        assert torch.allclose(h[k].double(), z.mean(0), atol=1e-5)
+        expected_v += float((z**2).sum(1).mean() - (z.mean(0) ** 2).sum())
+    assert math.isclose(float(v), expected_v / n, rel_tol=1e-4)
+    fed.close()
+
+
 # -- bad hyperparameters --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "algorithm, field, value",
@@ -245,6 +305,8 @@ def test_apple_one_step_follows_the_exact_gradients_of_core_and_dr_weights():
         ("fedfomo", "epsilon", 1.5),
         ("apple", "dr_lr", -0.1),
         ("apple", "schedule", "linear"),
+        ("fedpac", "lam", -1.0),
+        ("fedpac", "aggregate_by", "median"),
     ],
 )
 def test_a_bad_hyperparameter_is_a_config_error_naming_it(algorithm, field, value):

@@ -27,8 +27,12 @@ Differences from PFLlib's APPLE:
 - PFLlib starts p_i at 1/N but pulls it toward the sample shares; the paper starts and pulls at
   the sample shares. The server learns the sample counts from the first replies, so in round 1
   (no count known) p_0 is uniform; a client starts p_i at the p_0 of its first round.
-- PFLlib approximates ∂/∂p_ij by the mean over tensors of each tensor's mean of grad·w_j and
-  multiplies the core's learning rate by N; we use the exact gradient and the plain rate.
+- PFLlib approximates ∂/∂p_ij by the mean over tensors of each tensor's mean of grad·w_j; we
+  use the exact gradient. PFLlib also multiplies the core's learning rate by N; the paper's
+  code does not (it uses momentum 0.9 instead), and neither do we by default:
+  ``scale_core_lr=True`` gives PFLlib's rate. With plain SGD and the paper's rate the core
+  learns slowly (its gradient is p_ii ≈ 1/N of the personalized model's): on digits with 10
+  clients, 5 rounds reach 15% test accuracy at the default and 81% with ``scale_core_lr``.
 - PFLlib trains every client every round whatever the join ratio; here the engine's selected
   clients train (join_ratio = 1 is the paper's cross-silo setting).
 - Held-out new clients receive no cores; they fine-tune the initial model.
@@ -61,6 +65,11 @@ class APPLEHParams(HParams):
     )
     schedule: Literal["cosine", "exponential"] = Field(
         "cosine", description="shape of λ(r): (cos(πr/L)+1)/2, or 0.001^(r/L)"
+    )
+    scale_core_lr: bool = Field(
+        False,
+        description="multiply the core model's learning rate by N, as PFLlib does (the core's "
+        "gradient is p_ii ≈ 1/N of the personalized model's)",
     )
 
 
@@ -131,9 +140,9 @@ class APPLEClient(Client):
                 for n in names
             }
 
+        core_lr = ctx.settings.lr * (p.numel() if self.hp.scale_core_lr else 1)
         opt = torch.optim.SGD(
-            [{"params": list(own.values())}, {"params": [p], "lr": self.hp.dr_lr}],
-            lr=ctx.settings.lr,
+            [{"params": list(own.values())}, {"params": [p], "lr": self.hp.dr_lr}], lr=core_lr
         )
         self.model.train()
         total, steps, samples = 0.0, 0, 0
