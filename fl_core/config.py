@@ -56,6 +56,12 @@ class FederationSpec(_Strict):
     eval_train_loss: bool = Field(True, description="also compute the train loss on evaluation")
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     batch_size: int = Field(10, ge=1, description="local mini-batch size")
+    drop_last: bool = Field(
+        True,
+        description="skip each epoch's last, incomplete training batch, as PFLlib and HtFLlib "
+        "do (it may hold a single sample, which BatchNorm cannot train on); a client with "
+        "fewer samples than one batch still trains on all of them",
+    )
     lr: float = Field(0.005, gt=0.0, description="local learning rate")
     eval_batch_size: int = Field(1000, ge=1, description="batch size for evaluation")
     num_new_clients: int = Field(

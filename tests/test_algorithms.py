@@ -201,7 +201,8 @@ def test_scaffold_variates_follow_the_paper_update(server_lr):
         assert len(replies) == 3
         for cid, reply in replies.items():
             steps = reply.metrics["steps"]
-            assert steps == -(-fed.dataset.clients[cid].num_train // 16)
+            num_train = fed.dataset.clients[cid].num_train
+            assert steps == (num_train // 16 if num_train >= 16 else 1)  # drop_last
             after = fed.store.get(cid)
             for name in c:
                 y = reply.message[f"model/{name}"]

@@ -68,6 +68,7 @@ def test_fd_sends_exactly_classes_by_classes_logits_plus_counts(model):
 def test_fd_uploads_mean_training_logits_and_server_averages_over_clients_holding_a_class():
     cfg = config("fd")
     cfg["federation"]["lr"] = 1e-12  # the model does not move: the logits are its initial ones
+    cfg["federation"]["drop_last"] = False  # every training sample's logits are in the means
     fed = Federation(build_config(cfg))
     fed.train_round(1)
     replies = fed._pending_replies

@@ -82,6 +82,15 @@ class EvalReport:
     train_num: int = 0
 
 
+def split_batches(perm: Tensor, batch_size: int, drop_last: bool) -> list[Tensor]:
+    """``perm`` cut into consecutive batches of ``batch_size``; with ``drop_last`` the last
+    incomplete batch is left out unless it is the only batch (so a client smaller than one
+    batch still trains)."""
+    n = perm.numel()
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    return list(perm[:stop].split(batch_size)) if stop > 0 else []
+
+
 @dataclass
 class ClientContext:
     """Everything a client needs for one participation; built by the client runtime."""
@@ -199,15 +208,22 @@ class Client:
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.ctx.settings.lr)
 
+    def epoch_batches(self, index: Tensor | None = None) -> list[Tensor]:
+        """One epoch of training: ``index`` (default: every train sample) shuffled with the
+        client's generator and cut into batches of ``settings.batch_size``, the last incomplete
+        one dropped when ``settings.drop_last`` (unless it is the only one)."""
+        ctx = self.ctx
+        if index is None:
+            perm = torch.randperm(ctx.num_train, generator=ctx.rng)
+        else:
+            perm = index[torch.randperm(index.numel(), generator=ctx.rng)]
+        return split_batches(perm, ctx.settings.batch_size, ctx.settings.drop_last)
+
     def batches(self, epochs: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled mini-batches of the client's train split, ``epochs`` passes."""
         ctx = self.ctx
-        n = ctx.num_train
-        bs = ctx.settings.batch_size
         for _ in range(ctx.settings.local_epochs if epochs is None else epochs):
-            perm = torch.randperm(n, generator=ctx.rng)
-            for start in range(0, n, bs):
-                idx = perm[start : start + bs]
+            for idx in self.epoch_batches():
                 yield (
                     ctx.train_x.index_select(0, idx).to(ctx.device, non_blocking=True),
                     ctx.train_y.index_select(0, idx).to(ctx.device, non_blocking=True),

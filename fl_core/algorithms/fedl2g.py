@@ -136,8 +136,7 @@ class FedL2GClient(Client):
     def _batches_of(self, index: Tensor, limit: int | None = None) -> list[Tensor]:
         """``index`` shuffled with the client's generator, cut into batches (the first
         ``limit``)."""
-        shuffled = index[torch.randperm(index.numel(), generator=self.ctx.rng)]
-        batches = list(shuffled.split(self.ctx.settings.batch_size))
+        batches = self.epoch_batches(index)
         return batches if limit is None else batches[:limit]
 
     def _data(self, index: Tensor) -> tuple[Tensor, Tensor]:

@@ -84,9 +84,8 @@ class FedRepClient(Client):
         total, steps, samples = 0.0, 0, 0
         for _ in range(epochs):
             # the same shuffles and batches as Client.batches, on features instead of images
-            perm = torch.randperm(ctx.num_train, generator=ctx.rng)
-            for start in range(0, ctx.num_train, ctx.settings.batch_size):
-                idx = perm[start : start + ctx.settings.batch_size].to(ctx.device)
+            for idx in self.epoch_batches():
+                idx = idx.to(ctx.device)
                 opt.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(head(features[idx]), labels[idx])
                 loss.backward()
