@@ -6,7 +6,8 @@
 #     python benchmarks/reproduce_htfl.py --merge <dir>/rows.json
 # Variables: OUT (results folder), CPU4 and HTFE8 (algorithms for HtFE-img-cpu-4 and
 # HtFE-img-8), BUDGET_CPU4 and BUDGET_HTFE8 (seconds of training each), ROUNDS (default 20),
-# DEVICE (default cuda), EXTRA (more "key=value" overrides, space-separated).
+# GRACE (seconds a job may run past its budget before it is killed, default 120), DEVICE
+# (default cuda), EXTRA (more "key=value" overrides, space-separated).
 # Data: Fashion-MNIST's four IDX files in $KTL_DATA_ROOT (default ./.data/fashion_mnist).
 set -u
 OUT=${OUT:-/tmp/htfl_device}
@@ -26,7 +27,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 python3 -c "import pydantic, fl_core.engine; print('pydantic', pydantic.VERSION)" || exit 1
 
 job() {  # group algorithm budget
-  timeout $(($3 + 120)) python3 benchmarks/reproduce_htfl.py --group "$1" --algorithms "$2" \
+  timeout $(($3 + ${GRACE:-120})) python3 benchmarks/reproduce_htfl.py --group "$1" --algorithms "$2" \
     --rounds "$ROUNDS" --deadline "$3" --results "$WORK/rows/$1-$2.json" --runs "$WORK/runs" \
     "${SETS[@]}" --set device="$DEVICE" --set threads=1 --set federation.executor=sequential \
     --set federation.checkpoint_every=null >"$WORK/logs/$1-$2.log" 2>&1
