@@ -77,7 +77,7 @@ class FedALAClient(Client):
         }
         self._temp = ctx.extra_model("ala")
         self._has_local = False
-        self.ala_epochs = 0  # weight-learning epochs of the last local aggregation
+        self.ala_losses: list[float] = []  # last-batch loss of each weight-learning epoch
 
     def parts(self) -> dict[str, Part]:
         return {**super().parts(), "ala": self.ala}
@@ -142,7 +142,7 @@ class FedALAClient(Client):
         finally:
             for p in temp.parameters():
                 p.requires_grad_(True)
-        self.ala_epochs = len(losses)
+        self.ala_losses = losses
         for name in self.top:
             self.ala[f"w.{name}"] = weights[name]
         self.ala["started"] = torch.ones((), dtype=torch.int64)
@@ -154,7 +154,7 @@ class FedALAClient(Client):
     def fit(self) -> Reply:
         result = self.train()
         reply = self.reply(self.upload(), result)
-        reply.metrics["ala_epochs"] = self.ala_epochs
+        reply.metrics["ala_epochs"] = len(self.ala_losses)
         return reply
 
 
