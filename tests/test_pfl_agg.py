@@ -294,6 +294,80 @@ def test_fedpac_statistics_are_the_variance_of_the_class_mean_estimate():
     fed.close()
 
 
+# -- FedPCL ---------------------------------------------------------------------------------
+def test_fedpcl_sends_only_prototypes_and_does_not_train_before_global_ones_exist():
+    fed = federation("fedpcl")
+    up, down = fed.train_round(1)
+    classes, feature, n = 4, 16, 4
+    assert up == n * (classes * feature * 4 + classes * 8)
+    assert down == n * ((n + 1) * classes * feature * 4 + classes * 8)
+    init = fed.runtime.new_model(fed.architectures[0]).body.state_dict()
+    for cid in range(n):
+        body = {k.removeprefix("model/body."): v for k, v in fed.store.get(cid).items()}
+        assert all(torch.equal(body[k], init[k]) for k in init)
+    fed.aggregate(1)
+    # global prototypes: per class, the mean over the clients holding it; the clients' sets
+    # are padded with them where a client lacks the class
+    msg = fed.server.broadcast(2)
+    has = fed.server.client_has.bool()
+    for k in range(classes):
+        holders = [fed.server.client_protos[j, k] for j in range(n) if has[j, k]]
+        assert torch.allclose(msg["proto/global"][k], sum(holders) / len(holders), atol=1e-6)
+        for j in range(n):
+            expected = fed.server.client_protos[j, k] if has[j, k] else msg["proto/global"][k]
+            assert torch.equal(msg["proto/clients"][j, k], expected)
+    fed.close()
+
+
+def test_fedpcl_predicts_the_nearest_local_prototype():
+    from fl_core.algorithms.fedpcl import normalized_features
+
+    fed = federation("fedpcl")
+    train_rounds(fed, 3)
+    cid = next(c for c in range(4) if int((fed.store.get(c)["local/count"] > 0).sum()) >= 2)
+    client = fed.runtime.client(cid, 3, "eval", fed.store.get(cid))
+    local, count = client.local["proto"].clone(), client.local["count"].clone()
+    x = fed.dataset.clients[cid].test_x
+    with torch.no_grad():
+        z = normalized_features(client.model, x)
+        scores = z @ local.T
+        scores[:, count == 0] = float("-inf")
+        assert torch.equal(client.predict(client.model, x).argmax(1), scores.argmax(1))
+        assert set(client.predict(client.model, x).argmax(1).tolist()) <= set(
+            torch.nonzero(count).flatten().tolist()
+        )
+        # swapping two local prototypes swaps the predictions; the global ones play no part
+        a, b = torch.nonzero(count).flatten()[:2].tolist()
+        client.local["proto"][[a, b]] = local[[b, a]]
+        client.proto["global"].normal_()
+        swapped = client.predict(client.model, x).argmax(1)
+        before = scores.argmax(1)
+        assert torch.equal(swapped[before == a], torch.full_like(swapped[before == a], b))
+        assert torch.equal(swapped[before == b], torch.full_like(swapped[before == b], a))
+    fed.close()
+
+
+# -- learning -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "algorithm, overrides",
+    [
+        ("fedfomo", []),
+        ("fedamp", []),
+        ("apple", ["algorithm.scale_core_lr=true"]),
+        ("fedpcl", []),
+        ("fedpac", []),
+    ],
+)
+def test_learns_on_digits(algorithm, overrides):
+    from fl_core.config import load_config
+
+    over = ["federation.executor=sequential", "federation.rounds=5", "federation.eval_every=5"]
+    cfg = load_config(
+        "configs/quick_digits.yaml", [*over, f"algorithm.name={algorithm}", *overrides]
+    )
+    assert run(cfg).best_test_acc > 0.5  # 10 classes: chance is 0.1
+
+
 # -- bad hyperparameters --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "algorithm, field, value",
@@ -307,6 +381,8 @@ def test_fedpac_statistics_are_the_variance_of_the_class_mean_estimate():
         ("apple", "schedule", "linear"),
         ("fedpac", "lam", -1.0),
         ("fedpac", "aggregate_by", "median"),
+        ("fedpcl", "tau", 0.0),
+        ("fedpcl", "max_grad_norm", -1.0),
     ],
 )
 def test_a_bad_hyperparameter_is_a_config_error_naming_it(algorithm, field, value):
