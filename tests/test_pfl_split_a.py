@@ -250,7 +250,8 @@ def test_fedcp_policy_splits_features_between_the_heads_and_mmd_pulls_to_the_rec
             p.add_(0.05 * torch.randn_like(p))
         features = model.body(x)
         target = client.received_body(x)
-        r, s = client.cpn(features * v, 1.0, client.ctx.rng.set_state(state) or client.ctx.rng)
+        client.ctx.rng.set_state(state)
+        r, s = client.cpn(features * v, 1.0, client.ctx.rng)
         ce = nn.functional.cross_entropy(model.head(features * r) + client.ghead(features * s), y)
         term = fedcp_mmd(features, target, (20.0, 30.0, 40.0, 100.0))
     assert float(term) > 0
