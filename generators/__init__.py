@@ -9,7 +9,7 @@ The libraries a backend needs (diffusers, huggingface_hub, safetensors, the Styl
 are imported only when a generator of that kind is loaded.
 """
 
-from generators.base import Generator, GeneratorError
+from generators.base import Generator, GeneratorError, Variation
 from generators.device import resolve_device, resolve_dtype
 from generators.images import make_grid, save_image_grid
 from generators.loading import GeneratorInfo, list_generators, load_generator, parse_spec
@@ -25,4 +25,5 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "save_image_grid",
+    "Variation",
 ]

@@ -29,7 +29,10 @@ GENERATOR_CONFIG_NAME = "generator_config.json"
 
 
 class DDIMGenerator(Generator):
-    """Shared part of the diffusion generators: DDIM settings, latent prior, chunked synthesis."""
+    """Shared part of the diffusion generators: DDIM settings, latent prior, chunked synthesis,
+    and the image-space variation (noise an image part of the way, denoise it with DDIM)."""
+
+    variation_modes = ("image", "latent")
 
     def __init__(
         self,
@@ -76,16 +79,53 @@ class DDIMGenerator(Generator):
         )
         return (noise * self.init_noise_sigma).to(device=self.device, dtype=self.dtype)
 
-    def _ddim(self, x: torch.Tensor, predict_noise: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """Run deterministic DDIM from ``x = x_T`` with ``predict_noise(model_input, t)``."""
+    def _ddim(
+        self, x: torch.Tensor, predict_noise: Callable[..., torch.Tensor], start: int = 0
+    ) -> torch.Tensor:
+        """Run deterministic DDIM with ``predict_noise(model_input, t)`` from ``x``, the state at
+        the ``start``-th of the ``num_inference_steps`` timesteps (0: ``x = x_T``)."""
         self.scheduler.set_timesteps(self.num_inference_steps, device=x.device)
-        for t in self.scheduler.timesteps:
+        for t in self.scheduler.timesteps[start:]:
             model_output = predict_noise(self.scheduler.scale_model_input(x, t), t)
             x = self.scheduler.step(model_output, t, x, eta=0.0).prev_sample
         return x
 
-    def _synthesize_batch(self, latents: torch.Tensor) -> torch.Tensor:
+    def _synthesize_batch(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
         raise NotImplementedError
+
+    def _images_to_x0(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the clean sample x_0 of the diffusion process."""
+        raise NotImplementedError
+
+    def _vary_images(
+        self, images: torch.Tensor, strength: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """SDEdit-style variation: noise ``x_0`` to the timestep ``strength`` of the way along the
+        sampling schedule (``round(strength * num_inference_steps)`` steps from the end), then
+        run the remaining DDIM steps (eta = 0). Strength 1 starts from (almost) pure noise."""
+        shape = (self.channels, self.resolution, self.resolution)
+        if not isinstance(images, torch.Tensor) or tuple(images.shape[1:]) != shape:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise GeneratorError(
+                f"images must have shape (n, {', '.join(map(str, shape))}), got {got}"
+            )
+        steps = round(strength * self.num_inference_steps)
+        images = images.to(device=self.device, dtype=self.dtype)
+        if steps == 0 or images.shape[0] == 0:
+            return images.float().clone()
+        start = self.num_inference_steps - steps
+        self.scheduler.set_timesteps(self.num_inference_steps)
+        t = self.scheduler.timesteps[start]
+        size = self.batch_size or images.shape[0]
+        device = generator.device if generator is not None else torch.device("cpu")
+        out = []
+        for chunk in images.split(size):
+            x0 = self._images_to_x0(chunk)
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+            noise = noise.to(device=self.device, dtype=self.dtype)
+            x_t = self.scheduler.add_noise(x0, noise, t.reshape(1))
+            out.append(self._synthesize_batch(x_t, start))
+        return torch.cat(out).float().clamp_(0.0, 1.0)
 
     def _synthesize(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.shape[0] == 0:
@@ -142,15 +182,18 @@ class PixelDiffusionGenerator(DDIMGenerator):
         self.resolution = int(height)
         self.channels = in_channels
 
-    def _synthesize_batch(self, latents: torch.Tensor) -> torch.Tensor:
+    def _synthesize_batch(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
         channels = self.channels
 
         def predict_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # UNets with learned variance return [noise, variance]; DDIM uses the noise part only
             return self.unet(x, t).sample[:, :channels]
 
-        x = self._ddim(latents, predict_noise)
+        x = self._ddim(latents, predict_noise, start)
         return x / 2 + 0.5
+
+    def _images_to_x0(self, images: torch.Tensor) -> torch.Tensor:
+        return images * 2 - 1
 
     def save_pretrained(
         self,
@@ -264,7 +307,25 @@ class StableDiffusionGenerator(DDIMGenerator):
         embeds = self.text_encoder(ids, attention_mask=mask)[0]
         return embeds.to(device=self.device, dtype=self.dtype)
 
-    def _synthesize_batch(self, latents: torch.Tensor) -> torch.Tensor:
+    def set_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
+        """Condition on another prompt from now on (a per-class prompt, for example)."""
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str | None):
+            raise GeneratorError("prompt and negative_prompt must be strings")
+        if negative_prompt is not None:
+            self.negative_prompt = negative_prompt
+        self.prompt = prompt
+        self.prompt_embeds = self._encode(prompt)
+        if self._guided:
+            self.negative_prompt_embeds = self._encode(self.negative_prompt)
+
+    @torch.no_grad()
+    def _images_to_x0(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vae.encode(images * 2 - 1).latent_dist.mean
+        if getattr(self.vae.config, "shift_factor", None) is not None:
+            x = x - self.vae.config.shift_factor
+        return x * self.vae.config.scaling_factor
+
+    def _synthesize_batch(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
         n = latents.shape[0]
         cond = self.prompt_embeds.expand(n, -1, -1)
         if self._guided:
@@ -281,7 +342,7 @@ class StableDiffusionGenerator(DDIMGenerator):
             ).sample.chunk(2)
             return noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
 
-        x = self._ddim(latents, predict_noise)
+        x = self._ddim(latents, predict_noise, start)
         x = x / self.vae.config.scaling_factor
         if getattr(self.vae.config, "shift_factor", None) is not None:
             x = x + self.vae.config.shift_factor

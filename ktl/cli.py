@@ -314,6 +314,17 @@ def _mount_generators() -> None:
 _mount_generators()
 
 
+def _mount_synthesize() -> None:
+    try:
+        from ktl.cli_synthesize import synthesize_command
+    except ImportError:  # pragma: no cover - part of the package
+        return
+    app.command("synthesize")(synthesize_command)
+
+
+_mount_synthesize()
+
+
 def main() -> None:
     try:
         app()

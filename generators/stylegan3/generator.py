@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..base import Generator, GeneratorError
+from ..base import Generator, GeneratorError, check_strength
 from ..device import resolve_device
 from .convert import network_from_state, read_converted_dir, read_stylegan3_pickle
 from .network import StyleGAN3Network
@@ -130,6 +131,19 @@ class StyleGAN3Generator(Generator):
         z = torch.randn([n, self.z_dim], generator=generator, device=device)
         c = self._labels(n, generator, device)
         return self.z_to_w(z, c)
+
+    @torch.no_grad()
+    def perturb_latents(
+        self, latents: torch.Tensor, strength: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A perturbation in W around the average ``w_avg``: ``w_avg + sqrt(1 - s^2) (w - w_avg)
+        + s (w' - w_avg)`` with ``w'`` a fresh sample (``s = 0`` keeps ``w``, ``s = 1`` is ``w'``).
+        W is not Gaussian, so this keeps the spread around ``w_avg`` only approximately."""
+        s = check_strength(strength)
+        latents = self.check_latents(latents)
+        fresh = self.sample_latents(latents.shape[0], generator)
+        w_avg = self.network.mapping.w_avg.to(self.device, torch.float32)
+        return w_avg + math.sqrt(1.0 - s * s) * (latents - w_avg) + s * (fresh - w_avg)
 
     def _synthesize(self, latents: torch.Tensor) -> torch.Tensor:
         n = latents.shape[0]

@@ -1,0 +1,104 @@
+"""The two differentially private selection mechanisms, one class at a time.
+
+Both take the embeddings of one class's synthetic candidates and of the private images, and
+return *counts*: how often each candidate was selected. The counts are all that leaves the
+private side; the next generation is drawn from them.
+
+* :func:`pcevolve_utility` + :func:`exponential_mechanism` (PCEvolve): each candidate gets a
+  utility in [0, 1] from its distance to the private class centre, after a contrastive filter
+  and a calibrated similarity ``exp(tau * score)``; the exponential mechanism draws from it.
+* :func:`pe_histogram` + :func:`pe_select` (Private Evolution): each private image votes for
+  its nearest candidates (a vote vector of L2 norm 1), Gaussian noise is added, the histogram is
+  thresholded, and candidates are drawn in proportion to what is left.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def class_centres(private: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean private embedding per class (K, D)."""
+    return torch.stack([private[labels == c].mean(0) for c in range(num_classes)])
+
+
+def pcevolve_utility(
+    candidates: torch.Tensor, centres: torch.Tensor, label: int, tau: float
+) -> np.ndarray:
+    """Utility in [0, 1] of each candidate (N, D) of class ``label``.
+
+    Contrastive filter: a candidate nearer to another class's centre than to its own gets 0.
+    The others: score = -distance to the own centre, min-max normalised over them to [-1, 0],
+    utility = exp(tau * score) in [exp(-tau), 1]. A filtered candidate gets the minimum (0),
+    not minus infinity, so that the utility stays in [0, 1] and its sensitivity is 1.
+    """
+    distances = torch.cdist(candidates.double(), centres.double())  # (N, K)
+    keep = (distances.argmin(dim=1) == label).numpy()
+    utility = np.zeros(candidates.shape[0])
+    if keep.any():
+        score = -distances[:, label].numpy()[keep]
+        spread = score.max() - score.min()
+        normalised = (score - score.max()) / spread if spread > 0 else np.zeros_like(score)
+        utility[keep] = np.exp(tau * normalised)
+    return utility
+
+
+def exponential_probabilities(
+    utility: np.ndarray, epsilon: float, sensitivity: float = 1.0
+) -> np.ndarray:
+    """Selection probabilities ``exp(epsilon u / (2 sensitivity))``, normalised; epsilon = inf
+    puts all mass uniformly on the maximisers."""
+    utility = np.asarray(utility, dtype=np.float64)
+    if math.isinf(epsilon):
+        top = utility == utility.max()
+        return top / top.sum()
+    logits = epsilon * utility / (2.0 * sensitivity)
+    logits -= logits.max()
+    weights = np.exp(logits)
+    return weights / weights.sum()
+
+
+def exponential_mechanism(
+    utility: np.ndarray, epsilon: float, draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``draws`` independent exponential-mechanism selections (each ``epsilon``-DP for a
+    utility of sensitivity 1); returns counts per candidate."""
+    p = exponential_probabilities(utility, epsilon)
+    picks = rng.choice(len(p), size=draws, replace=True, p=p)
+    return np.bincount(picks, minlength=len(p))
+
+
+def pe_histogram(candidates: torch.Tensor, private: torch.Tensor, nearest: int = 1) -> np.ndarray:
+    """Votes of the private images (M, D) for the candidates (N, D): each private image gives
+    ``1/sqrt(k)`` to each of its ``k = nearest`` nearest candidates (L2), so its vote vector has
+    L2 norm 1 and adding or removing one private image moves the histogram by norm 1."""
+    n = candidates.shape[0]
+    histogram = np.zeros(n)
+    if private.shape[0] == 0 or n == 0:
+        return histogram
+    k = min(nearest, n)
+    distances = torch.cdist(private.double(), candidates.double())
+    idx = distances.topk(k, dim=1, largest=False).indices.numpy()
+    np.add.at(histogram, idx.ravel(), 1.0 / math.sqrt(k))
+    return histogram
+
+
+def pe_select(
+    histogram: np.ndarray,
+    sigma: float,
+    threshold: float,
+    draws: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy histogram ``h + N(0, sigma^2)``, clipped at ``threshold`` (``max(h - H, 0)``), then
+    ``draws`` candidates drawn in proportion to it (uniformly if nothing is left). Returns
+    (counts, the noisy histogram); both are safe to release."""
+    noisy = histogram + (rng.normal(0.0, sigma, size=histogram.shape) if sigma > 0 else 0.0)
+    clipped = np.maximum(noisy - threshold, 0.0)
+    total = clipped.sum()
+    p = clipped / total if total > 0 else np.full(len(clipped), 1.0 / len(clipped))
+    picks = rng.choice(len(p), size=draws, replace=True, p=p)
+    return np.bincount(picks, minlength=len(p)), noisy
