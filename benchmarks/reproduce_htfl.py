@@ -247,10 +247,26 @@ def machine_name(device: str) -> str:
     return text
 
 
-def rows_from_metrics(metrics_file: Path) -> list[dict]:
-    """The per-round records of a run folder (round 0, the initial evaluation, excluded)."""
+def partial_summary(metrics_file: Path) -> dict:
+    """The row figures of a run stopped early, from its per-round records (``seconds`` there
+    counts from the start of the run, round 0's evaluation included)."""
+    import statistics
+
     recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    return [r for r in recs if r["round"] > 0]
+    start = next((r["seconds"] for r in recs if r["round"] == 0), 0.0)
+    recs = [r for r in recs if r["round"] > 0]
+    best = max(recs, key=lambda r: (r["test_acc"], -r["round"]))
+    return {
+        "best_test_acc": best["test_acc"],
+        "best_round": best["round"],
+        "final_test_acc": recs[-1]["test_acc"],
+        "rounds": len(recs),
+        "seconds_per_round": (recs[-1]["seconds"] - start) / len(recs),
+        "median_train_seconds": statistics.median(r["train_seconds"] for r in recs),
+        "median_eval_seconds": statistics.median(r["eval_seconds"] for r in recs),
+        "bytes_up": recs[-1]["bytes_up"],
+        "bytes_down": recs[-1]["bytes_down"],
+    }
 
 
 def run_row(
@@ -265,8 +281,6 @@ def run_row(
     """Run (or continue) one algorithm and return its row. With ``deadline`` (a
     ``time.monotonic()`` value) the run stops after the first round that ends past it and the
     row is partial: ``rounds_run`` < ``rounds``."""
-    import statistics
-
     from fl_core.config import load_config
     from fl_core.engine import run
     from fl_core.engine.checkpoint import find_checkpoint
@@ -301,21 +315,9 @@ def run_row(
     try:
         summary = run(cfg, out_dir=out, on_round=progress, resume=resume).summary()
     except DeadlineReached:
-        recs = rows_from_metrics(out / "metrics.jsonl")
-        best = max(recs, key=lambda r: (r["test_acc"], -r["round"]))
-        med = statistics.median
-        summary = {
-            "best_test_acc": best["test_acc"],
-            "best_round": best["round"],
-            "final_test_acc": recs[-1]["test_acc"],
-            "rounds": len(recs),
-            "seconds_per_round": sum(r["seconds"] for r in recs) / len(recs),
-            "median_train_seconds": med(r["train_seconds"] for r in recs),
-            "median_eval_seconds": med(r["eval_seconds"] for r in recs),
-            "bytes_up": recs[-1]["bytes_up"],
-            "bytes_down": recs[-1]["bytes_down"],
-        }
-        print(f"  {group}/{algorithm}: time budget spent after {len(recs)} rounds", flush=True)
+        summary = partial_summary(out / "metrics.jsonl")
+        rounds_run = summary["rounds"]
+        print(f"  {group}/{algorithm}: time budget spent after {rounds_run} rounds", flush=True)
     per_round = max(summary["rounds"], 1)
     fed = cfg.federation
     # nominal: exact with join ratio 1 and no drops, as in this protocol
