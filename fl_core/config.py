@@ -73,10 +73,12 @@ class FederationSpec(_Strict):
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations without a better test_acc"
     )
-    executor: Literal["auto", "sequential", "process"] = Field(
+    executor: Literal["auto", "sequential", "process", "flower-sim", "flower"] = Field(
         "auto",
         description="run clients in this process or in a pool of single-threaded processes; "
-        "auto = process on a CPU with 2+ cores, else sequential",
+        "auto = process on a CPU with 2+ cores, else sequential; flower-sim = Flower's "
+        "simulation runtime (pip install 'ktl[flower]'); flower = a Flower deployment (set by "
+        "ktl's ServerApp, docs/flower.md)",
     )
     workers: int | None = Field(
         None, ge=1, description="processes for executor=process (default: one per core)"

@@ -325,6 +325,15 @@ def _mount_synthesize() -> None:
 _mount_synthesize()
 
 
+def _mount_flower() -> None:
+    from ktl.cli_flower import app as flower_app
+
+    app.add_typer(flower_app, name="flower")
+
+
+_mount_flower()
+
+
 def main() -> None:
     try:
         app()

@@ -15,5 +15,6 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 # animal-mnist declares tensorflow but ktl reads its data files directly
 "$PY" -m pip install -q --no-deps animal-mnist==0.4
-"$PY" -m pip install -q -e ".[dev]"
+# flower: the Flower adapter's tests run in CI (flwr pins Ray and moves rich/typer down a minor)
+"$PY" -m pip install -q -e ".[dev,flower]"
 echo "ktl is installed: try 'ktl run' or 'python -m pytest'"

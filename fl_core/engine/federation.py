@@ -7,6 +7,7 @@ data: sample counts and evaluation labels come in the clients' replies.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -88,7 +89,15 @@ class Federation:
                 # forked workers cannot use CUDA; one core gains nothing from a pool
                 use_pool = self.device.type == "cpu" and workers > 1 and can_fork()
                 kind = "process" if use_pool else "sequential"
-            if kind == "process":
+            if kind in ("flower-sim", "flower"):
+                if importlib.util.find_spec("flwr") is None:
+                    raise ConfigError(
+                        f"federation.executor={kind} needs Flower: pip install 'ktl[flower]'"
+                    )
+                from fl_core.flower.executor import make_executor
+
+                self._executor = make_executor(kind, self)
+            elif kind == "process":
                 if self.device.type != "cpu":
                     raise ConfigError(
                         "federation.executor=process runs clients in forked CPU workers; with "
