@@ -425,3 +425,13 @@ def test_gpfl_local_conditional_inputs_start_at_zero_and_lag_one_round():
     share = share / share.sum()
     assert not torch.allclose(client._p, share @ fed.server.global_state["gce/weight"])
     fed.close()
+
+
+# -- learning -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["feddbe", "fedcac", "pflda", "fedas"])
+def test_learns_on_digits(algorithm):
+    from fl_core.config import load_config
+
+    over = ["federation.executor=sequential", "federation.rounds=6", "federation.eval_every=6"]
+    result = run(load_config("configs/quick_digits.yaml", [*over, f"algorithm.name={algorithm}"]))
+    assert result.best_test_acc > 0.6  # 10 classes: chance is 0.1

@@ -23,11 +23,12 @@ Differences from PFLlib's GPFL (and the authors' code):
 - PFLlib's defaults (``-lam 1 -mu 0``) are not the paper's; ours are the authors' published
   setting for the 4-layer CNN and the MLP, lam = 0.01 and mu = 0.1 (the official GPFL
   repository's run script).
-- The conditional inputs are computed from the GCE the client receives each round. The authors'
-  code computes them from the client's GCE *before* the new global one is loaded (for a client
-  that trained, its locally trained GCE), so they lag one round and are zero in the first round
-  (and zero for a client before its first training here). ``conditional_inputs="local"``
-  reproduces that.
+- The conditional inputs are computed from the GCE the client receives each round, so every
+  client conditions on the current global embeddings. The authors' code computes them from the
+  client's GCE *before* the new global one is loaded (for a client that trained, its locally
+  trained GCE): they lag one round and are zero in the first round. ``conditional_inputs=
+  "local"`` reproduces that (a client that has never trained then uses zeros; in PFLlib an
+  unselected client would use the last global GCE it was sent).
 - The GCE and CoV start from fixed values drawn from the federation's seed; the body and head
   from the federation's initial model.
 """
