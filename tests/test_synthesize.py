@@ -136,7 +136,7 @@ def test_exponential_mechanism_frequencies_match_theory() -> None:
     are far from uniform and from a mechanism with twice the epsilon."""
     utility = np.array([0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
     eps = 3.0
-    counts = exponential_mechanism(utility, eps, 20000, np.random.default_rng(0))
+    counts = exponential_mechanism(utility, eps, 20000, np.random.default_rng(0), replace=True)
     expected = exponential_probabilities(utility, eps) * 20000
     assert chisquare(counts, expected).pvalue > 1e-3
     assert chisquare(counts, np.full(6, 20000 / 6)).pvalue < 1e-12
@@ -144,6 +144,28 @@ def test_exponential_mechanism_frequencies_match_theory() -> None:
     p = exponential_probabilities(utility, eps)
     assert p[-1] / p[0] == pytest.approx(math.exp(eps / 2))
     assert np.array_equal(exponential_probabilities(utility, math.inf), [0, 0, 0, 0, 0, 1])
+
+
+def test_exponential_mechanism_without_replacement() -> None:
+    """Distinct selections; epsilon = inf gives the top ones; how often each candidate is among
+    2 of 3 draws matches p_i + sum_j p_j p_i / (1 - p_j) (the second draw renormalised)."""
+    rng = np.random.default_rng(1)
+    assert exponential_mechanism(np.array([0.2, 1.0, 0.0, 0.9]), math.inf, 2, rng).tolist() == [
+        0,
+        1,
+        0,
+        1,
+    ]
+    assert exponential_mechanism(np.array([0.2, 1.0, 0.0]), 2.0, 9, rng).tolist() == [1, 1, 1]
+    utility, eps, runs = np.array([0.0, 0.5, 1.0]), 4.0, 4000
+    counts = sum(exponential_mechanism(utility, eps, 2, rng) for _ in range(runs))
+    assert counts.max() <= runs and counts.sum() == 2 * runs
+    p = exponential_probabilities(utility, eps)
+    inclusion = np.array(
+        [p[i] + sum(p[j] * p[i] / (1 - p[j]) for j in range(3) if j != i) for i in range(3)]
+    )
+    stderr = np.sqrt(inclusion * (1 - inclusion) / runs)
+    assert np.all(np.abs(counts / runs - inclusion) < 4 * stderr), (counts / runs, inclusion)
 
 
 def test_pcevolve_utility_filter_and_range() -> None:

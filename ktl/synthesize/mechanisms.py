@@ -62,13 +62,29 @@ def exponential_probabilities(
 
 
 def exponential_mechanism(
-    utility: np.ndarray, epsilon: float, draws: int, rng: np.random.Generator
+    utility: np.ndarray,
+    epsilon: float,
+    draws: int,
+    rng: np.random.Generator,
+    *,
+    replace: bool = False,
 ) -> np.ndarray:
-    """``draws`` independent exponential-mechanism selections (each ``epsilon``-DP for a
-    utility of sensitivity 1); returns counts per candidate."""
-    p = exponential_probabilities(utility, epsilon)
-    picks = rng.choice(len(p), size=draws, replace=True, p=p)
-    return np.bincount(picks, minlength=len(p))
+    """``draws`` exponential-mechanism selections, each ``epsilon``-DP for a utility of
+    sensitivity 1; returns counts per candidate. Without replacement (the default) each draw
+    runs over the candidates not yet chosen, so the selections are distinct (and, with
+    epsilon = inf, the top ``draws``); the draws compose adaptively, at ``epsilon`` each."""
+    utility = np.asarray(utility, dtype=np.float64)
+    if replace:
+        p = exponential_probabilities(utility, epsilon)
+        return np.bincount(rng.choice(len(p), size=draws, replace=True, p=p), minlength=len(p))
+    counts = np.zeros(len(utility), dtype=np.int64)
+    left = np.arange(len(utility))
+    for _ in range(min(draws, len(utility))):
+        p = exponential_probabilities(utility[left], epsilon)
+        pick = rng.choice(len(left), p=p)
+        counts[left[pick]] += 1
+        left = np.delete(left, pick)
+    return counts
 
 
 def pe_histogram(candidates: torch.Tensor, private: torch.Tensor, nearest: int = 1) -> np.ndarray:
