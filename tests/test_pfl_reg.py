@@ -77,7 +77,7 @@ def _perfedavg_expected(fed, cid: int, variant: str, alpha: float, lr: float):
     group = 3 if variant == "hf" else 2
     groups = [batches[i : i + group] for i in range(0, len(batches) - group + 1, group)]
     tail = batches[len(groups) * group :]
-    if tail:  # a short tail is split evenly into the group's batches
+    if tail and sum(len(b[1]) for b in tail) >= 2 * group:  # a short tail is split evenly
         x, y = torch.cat([b[0] for b in tail]), torch.cat([b[1] for b in tail])
         groups.append(list(zip(x.tensor_split(group), y.tensor_split(group), strict=True)))
     for d1, d2, *rest in groups:

@@ -26,7 +26,8 @@ Differences from PFLlib's APFL:
 - PFLlib's default alpha is 1.0 (``-al``); ours starts at 0.5 (``alpha=1.0`` for PFLlib's).
 - PFLlib's APFL computes its own AUC without the binary-task case and fails on two-class
   datasets; here the engine's metrics are used for every algorithm.
-- A client that has never trained has no v: it is evaluated with the global model.
+- A client that has never trained has no v: it is evaluated with the global model, and its v
+  starts at the global model it first receives (in round 1 that is the shared initial model).
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ Differences from PFLlib's FedALA:
   here a client learns when it is selected (and again, without keeping them, when evaluated).
 - PFLlib's convergence loop has no bound; ``max_epochs`` caps the first-round training.
 - Buffers (BatchNorm statistics) are taken from the global model with the lower layers (PFLlib
-  never sends buffers).
+  never sends buffers). The weights learn on the mixed model in eval mode (BatchNorm on its
+  statistics, no dropout); PFLlib's copy is in whatever mode the client's model was left in,
+  which is eval mode after an evaluation round.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ class FedALAClient(Client):
         bs = self.ctx.settings.batch_size
         first = int(self.ala["started"]) == 0
         losses: list[float] = []
-        temp.train()
+        # eval mode: BatchNorm uses its statistics (any batch size works) and dropout is off,
+        # so the weights see the model that is evaluated
+        temp.eval()
         try:
             while True:
                 for start in range(0, count, bs):

@@ -110,7 +110,7 @@ class PerFedAvgClient(Client):
 
     def _groups(self, size: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
         """Consecutive mini-batches in groups of ``size``; a short tail (or a client with fewer
-        batches) is split evenly, so every client with ``size`` samples takes a step."""
+        batches) is split evenly, so every client with 2·``size`` samples takes a step."""
         pending: list[tuple[Tensor, Tensor]] = []
         for batch in self.batches():
             pending.append(batch)
@@ -120,7 +120,7 @@ class PerFedAvgClient(Client):
         if pending:
             x = torch.cat([b[0] for b in pending])
             y = torch.cat([b[1] for b in pending])
-            if y.shape[0] >= size:
+            if y.shape[0] >= 2 * size:  # at least two samples per batch (BatchNorm)
                 yield list(zip(x.tensor_split(size), y.tensor_split(size), strict=True))
 
     def personalised(self, model: nn.Module) -> nn.Module:
