@@ -17,6 +17,8 @@ so a_c is the single embedding of c and "clients lacking c" are all the others; 
 labels (image classification) this is the generalisation PFLlib uses. A client predicts among
 its own classes only.
 
+``lam`` defaults to 1, PFLlib's value (the step is then lr, the clients' own learning rate).
+
 Down per client and round: the body and that client's embeddings (a client the server has not
 seen yet gets the initial table of C rows instead, and takes its own rows). Up: the body, its
 embeddings and its class ids. Nothing persists on the client: the server holds the embeddings.
