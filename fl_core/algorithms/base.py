@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -135,6 +136,12 @@ class ServerContext:
     settings: FederationSpec
     client_shared: tuple[Selector, ...]  # what the algorithm's clients declare as travelling
     model_builder: Callable[[str], nn.Module]
+    # How the clients' inputs were normalised (the dataset manifest's "normalization": formula,
+    # mean, std), for servers that make inputs (generated images); None when unknown.
+    normalization: dict | None = None
+    # The run's output folder when there is one (set by the round loop), for server artefacts
+    # such as image grids; None in runs without a folder.
+    out_dir: Path | None = None
 
     def build_model(self, arch: str) -> nn.Module:
         """A fresh model of ``arch`` holding the federation's initial weights for it (never a

@@ -6,6 +6,8 @@ Written once here so that FedCP, FedPHP, FedKTL (MMD) and FedRoD, FedLC-style ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,20 +51,40 @@ def gaussian_kernel_matrix(
     return sum(torch.exp(-d2 / (base * s)) for s in scales)
 
 
+def rbf_kernel_matrix(x: Tensor, y: Tensor, bandwidths: Sequence[float]) -> Tensor:
+    """``sum_a exp(-||zi - zj||^2 / a)`` over the joint sample ``[x; y]``, for fixed
+    bandwidths ``a`` (FedKTL's server uses 2 x {10, 15, 20, 50})."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"MMD needs two 2-d samples with the same feature size, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    if not bandwidths or any(a <= 0 for a in bandwidths):
+        raise ValueError(f"bandwidths must be positive numbers, got {list(bandwidths)}")
+    z = torch.cat([x, y], dim=0)
+    d2 = torch.cdist(z, z).pow(2)
+    return sum(torch.exp(-d2 / float(a)) for a in bandwidths)
+
+
 def mmd(
     x: Tensor,
     y: Tensor,
     kernel_mul: float = 2.0,
     kernel_num: int = 5,
     bandwidth: float | None = None,
+    bandwidths: Sequence[float] | None = None,
 ) -> Tensor:
     """The (biased, V-statistic) squared maximum mean discrepancy between samples ``x`` and ``y``
-    under a multi-bandwidth Gaussian kernel (:func:`gaussian_kernel_matrix`).
+    under a multi-bandwidth Gaussian kernel: fixed ``bandwidths`` (:func:`rbf_kernel_matrix`)
+    when given, else bandwidths scaled from the data (:func:`gaussian_kernel_matrix`).
 
     Samples may differ in size. It is zero when the two samples are equal and differentiable in
     both. ``mean(Kxx) + mean(Kyy) - 2 mean(Kxy)``.
     """
-    k = gaussian_kernel_matrix(x, y, kernel_mul, kernel_num, bandwidth)
+    if bandwidths is not None:
+        k = rbf_kernel_matrix(x, y, bandwidths)
+    else:
+        k = gaussian_kernel_matrix(x, y, kernel_mul, kernel_num, bandwidth)
     n = x.shape[0]
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
     return kxx.mean() + kyy.mean() - 2 * kxy.mean()

@@ -71,6 +71,7 @@ class Federation:
             settings=fed,
             client_shared=tuple(self.algorithm.client_cls.shared),
             model_builder=self.runtime.new_model,
+            normalization=dataset.manifest.get("normalization"),
         )
         self.server = self.algorithm.server_cls(self.server_context, self.runtime.hparams)
         self.store = ClientStateStore(memory_budget=int(fed.state_memory_mb * 2**20))

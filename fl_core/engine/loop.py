@@ -36,6 +36,7 @@ def run(
             raise ValueError("resume needs the run's output folder")
         ckpt = load_checkpoint(out)
     federation = Federation(config, dataset)
+    federation.server_context.out_dir = out
     result = RunResult(algorithm=federation.algorithm.name)
     start_round, best, since_best, elapsed_before = 1, -1.0, 0, 0.0
     if ckpt is not None:

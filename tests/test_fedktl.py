@@ -1,0 +1,185 @@
+"""FedKTL: the ETF, the margin loss, the MMD, server alignment, generated pairs, the upload."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_config
+
+from fl_core.algorithms import get_algorithm
+from fl_core.algorithms.losses import mmd
+from fl_core.config import build_config
+from fl_core.engine.federation import Federation
+from ktl.fedktl.knowledge import (
+    FeatureTransformer,
+    align,
+    angular_margin_logits,
+    client_latents,
+    normalized_class_prototypes,
+    simplex_etf,
+    to_client_inputs,
+)
+
+FAST = {"generator_steps": 2, "server_epochs": 5}
+
+
+@pytest.mark.parametrize("k", [2, 3, 10, 100])
+def test_etf_is_a_simplex_etf(k):
+    etf = simplex_etf(k, torch.Generator().manual_seed(k))
+    assert etf.shape == (k, k)
+    assert torch.allclose(etf.norm(dim=1), torch.ones(k), atol=1e-6)
+    cos = etf.double() @ etf.double().t()
+    off = cos[~torch.eye(k, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, -1.0 / (k - 1)), atol=1e-6)
+
+
+def test_etf_is_seeded():
+    a = simplex_etf(5, torch.Generator().manual_seed(1))
+    assert torch.equal(a, simplex_etf(5, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, simplex_etf(5, torch.Generator().manual_seed(2)))
+
+
+def test_angular_margin_moves_only_the_target_logit():
+    g = torch.Generator().manual_seed(0)
+    etf = simplex_etf(4, g)
+    emb, y = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    plain = angular_margin_logits(emb, etf, None, 0.0, 1.0)
+    assert torch.allclose(plain, F.normalize(emb, dim=1) @ etf.t(), atol=1e-6)
+    out = angular_margin_logits(emb, etf, y, 0.5, 64.0)
+    theta = torch.acos(plain.gather(1, y[:, None]).clamp(-1, 1))
+    assert torch.allclose(out.gather(1, y[:, None]), 64 * torch.cos(theta + 0.5), atol=1e-4)
+    mask = torch.ones_like(out, dtype=torch.bool).scatter(1, y[:, None], False)
+    assert torch.allclose(out[mask], 64 * plain[mask], atol=1e-5)
+
+
+def brute_rbf_mmd(x, y, bandwidths):
+    z = torch.cat([x, y]).double()
+    n, a = len(z), len(x)
+
+    def k(i, j):
+        d2 = float(((z[i] - z[j]) ** 2).sum())
+        return sum(math.exp(-d2 / b) for b in bandwidths)
+
+    xx = sum(k(i, j) for i in range(a) for j in range(a)) / a**2
+    yy = sum(k(i, j) for i in range(a, n) for j in range(a, n)) / (n - a) ** 2
+    xy = sum(k(i, j) for i in range(a) for j in range(a, n)) / (a * (n - a))
+    return xx + yy - 2 * xy
+
+
+def test_fixed_bandwidth_mmd_matches_brute_force_and_is_zero_for_equal_samples():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g) + 0.5
+    bw = [20.0, 30.0, 40.0, 100.0]
+    assert float(mmd(x.double(), y.double(), bandwidths=bw)) == pytest.approx(
+        brute_rbf_mmd(x, y, bw), rel=1e-9
+    )
+    assert abs(float(mmd(x, x.clone(), bandwidths=bw))) < 1e-6
+
+
+def test_server_training_moves_transformed_prototypes_toward_the_prior():
+    g = torch.Generator().manual_seed(0)
+    k, latent = 5, 12
+    protos = F.normalize(torch.randn(40, k, generator=g), dim=1)
+    labels = torch.arange(40) % k
+    transformer = FeatureTransformer(k, latent, torch.Generator().manual_seed(1))
+    centroids = torch.nn.Parameter(torch.randn(k, latent, generator=g))
+    prior_rng = torch.Generator().manual_seed(2)
+
+    def prior(n):  # a prior far from where F starts: N(3, 2^2)
+        return 3.0 + 2.0 * torch.randn(n, latent, generator=prior_rng)
+
+    reference = prior(400)
+
+    def distance() -> float:
+        transformer.eval()
+        with torch.no_grad():
+            return float(mmd(transformer(protos), reference))
+
+    before = distance()
+    losses = align(
+        transformer, centroids, protos, labels, prior,
+        epochs=60, batch_size=20, lr=0.01, lam=0.1, generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    after = distance()
+    assert len(losses) == 60 and losses[-1] < losses[0]
+    assert after < 0.5 * before
+    transformer.eval()
+    with torch.no_grad():
+        q = transformer(protos)
+    assert abs(float(q.mean()) - 3.0) < abs(0.0 - 3.0) / 2  # moved most of the way to the mean
+    # centroids end as the class means of the transformed prototypes
+    for c in range(k):
+        assert torch.allclose(centroids[c], q[labels == c].mean(0), atol=1e-5)
+
+
+def test_pairs_take_the_clients_shape_channels_and_normalisation():
+    rgb = torch.rand(3, 3, 64, 48)
+    norm = {"mean": [0.5], "std": [0.25]}
+    out = to_client_inputs(rgb, (1, 28, 28), norm)
+    assert out.shape == (3, 1, 28, 28)
+    flat = torch.full((1, 3, 32, 32), 0.75)
+    assert torch.allclose(
+        to_client_inputs(flat, (1, 28, 28), norm), torch.full((1, 1, 28, 28), 1.0)
+    )
+    grey = torch.full((2, 1, 28, 28), 0.2)
+    out = to_client_inputs(grey, (3, 32, 32), {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]})
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.allclose(out[:, 0], torch.full((2, 32, 32), 0.2), atol=1e-6)
+    assert torch.allclose(out[:, 2], torch.full((2, 32, 32), -0.2), atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        to_client_inputs(torch.rand(1, 2, 8, 8), (3, 8, 8), None)
+
+
+def test_large_spatial_latents_are_pooled_for_the_clients():
+    z = torch.randn(2, 4, 64, 64)
+    pooled = client_latents(z, (4, 64, 64), 4096)
+    assert pooled.shape == (2, 4 * 32 * 32)
+    assert torch.allclose(pooled.view(2, 4, 32, 32)[0, 0, 0, 0], z[0, 0, :2, :2].mean())
+    assert client_latents(torch.randn(3, 1, 28, 28), (1, 28, 28), 4096).shape == (3, 784)
+
+
+def test_prototypes_are_normalised_class_means():
+    x, y = torch.randn(10, 3), torch.tensor([0, 0, 1, 1, 1, 0, 1, 0, 0, 1])
+    protos = normalized_class_prototypes(lambda t: t, x, y, 4, 3, torch.device("cpu"))
+    assert protos.shape == (4, 3)
+    for c in (0, 1):
+        expected = F.normalize(F.normalize(x[y == c], dim=1).mean(0), dim=0)
+        assert torch.allclose(protos[c], expected, atol=1e-6)
+    assert torch.equal(protos[2:], torch.zeros(2, 3))
+
+
+def test_upload_is_classes_times_k_floats_and_pairs_arrive_in_client_shape():
+    cfg = tiny_config("fedktl", rounds=2, **FAST)
+    fed = Federation(build_config(cfg))
+    k = fed.dataset.num_classes
+    up, down = fed.train_round(1)
+    replies = fed._pending_replies
+    for reply in replies.values():
+        assert set(reply.message) == {"proto/local"}
+        assert reply.message["proto/local"].shape == (k, k)
+    assert up == len(replies) * k * k * 4  # float32
+    assert down == len(replies) * k * k * 4  # round 1: only the ETF
+    fed.aggregate(1)
+    message = fed.server.broadcast(2)
+    images, latents = message["pairs/images"], message["pairs/latents"]
+    assert images.shape[1:] == tuple(fed.dataset.input_shape)
+    seen = int(fed.server.seen.sum())
+    assert images.shape[0] == latents.shape[0] == seen  # one pair per class seen
+    assert latents.shape[1] == fed.server.latent_dim
+    fed.close()
+
+
+def test_registered_through_the_entry_point_as_knowledge_transfer():
+    algo = get_algorithm("fedktl")
+    assert algo.family == "KT" and algo.heterogeneous
+    assert algo.client_cls.__module__ == "ktl.fedktl.algorithm"
+
+
+def test_bad_hyperparameters_get_a_clear_error():
+    with pytest.raises(Exception, match="mu"):
+        build_config(tiny_config("fedktl", mu=-1.0))
+    with pytest.raises(Exception, match="unseen_classes"):
+        build_config(tiny_config("fedktl", unseen_classes="maybe"))
