@@ -13,7 +13,7 @@ import typer
 app = typer.Typer(
     name="flower",
     help="Run on a Flower deployment: write the app, split a partition per SuperNode, make TLS "
-    "certificates and SuperNode keys (docs/flower.md). Needs pip install 'ktl[flower]'.",
+    "certificates and SuperNode keys. Needs Flower installed; see docs/flower.md.",
     no_args_is_help=True,
     add_completion=False,
 )

@@ -183,3 +183,36 @@ def test_flower_simulation_writes_the_in_process_metrics(tmp_path):
     sa = json.loads((tmp_path / "inproc" / "summary.json").read_text())
     sb = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert sb["new_clients"] == pytest.approx(sa["new_clients"], rel=1e-6)
+
+
+def test_flower_executor_without_flower_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from fl_core.engine import Federation
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a)
+    )
+    raw = tiny_config("fedavg")
+    raw["federation"]["executor"] = "flower-sim"
+    fed = Federation(build_config(raw))
+    try:
+        with pytest.raises(ConfigError, match=r"pip install 'ktl\[flower\]'"):
+            fed.executor  # noqa: B018
+    finally:
+        fed.close()
+
+
+def test_flower_deployment_executor_outside_a_server_app_is_refused():
+    from fl_core.engine import Federation
+    from fl_core.flower.executor import FlowerError
+
+    raw = tiny_config("fedavg")
+    raw["federation"]["executor"] = "flower"
+    fed = Federation(build_config(raw))
+    try:
+        with pytest.raises(FlowerError, match="flower-sim"):
+            fed.executor  # noqa: B018
+    finally:
+        fed.close()

@@ -100,6 +100,8 @@ def test_a_supernode_killed_mid_round_is_a_dropped_client(deployment, tmp_path):
     while time.monotonic() < deadline:
         if metrics.exists() and any(r["round"] == 1 for r in _records(metrics)):
             break
+        if flwr_run.poll() is not None:
+            pytest.fail("the run ended early: " + deployment.logs["flwr-run"].read_text()[-3000:])
         time.sleep(0.2)
     else:
         pytest.fail("round 1 never finished: " + deployment.logs["superlink"].read_text()[-2000:])
