@@ -33,9 +33,10 @@ Differences from PFLlib's FedCross:
 - PFLlib's global model is the sample-weighted average of the uploads before cross-aggregation;
   here it is the mean of the middle models after it, as in the paper (``global_model="uploads"``
   is PFLlib's).
-- PFLlib evaluates each client with the model it has just trained (its server never sends the
-  global model before evaluating), which scores local fits on local test data; here clients are
-  evaluated with the global model, the model FedCross deploys.
+- PFLlib evaluates each client with the model it trained the last time it was selected (its
+  FedCross server never sends the global model before evaluating), which scores local fits on
+  local test data; here clients are evaluated with the global model, the model FedCross
+  deploys.
 - Integer buffers (``num_batches_tracked``) take the larger of the two models' values instead
   of being mixed.
 """
