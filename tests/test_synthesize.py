@@ -461,3 +461,39 @@ def test_ready_config_loads_and_plans_within_budget() -> None:
     assert plan.epsilon_spent == pytest.approx(2.0) and plan.noise_multiplier > 0
     cfg = load_config(ROOT / "configs" / "synthesize_animal.yaml", ["privacy.epsilon=inf"])
     assert math.isinf(cfg.privacy.epsilon)
+
+
+def test_cli_writes_the_dataset_and_reports_the_budget(tmp_path, private_dir) -> None:
+    from typer.testing import CliRunner
+
+    from ktl.cli import app
+
+    heldout = _write_folder(tmp_path / "heldout", per_class=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"private:\n  path: {private_dir}\ngenerator:\n  options: {{num_inference_steps: 2}}\n"
+        "mechanism: {iterations: 1, population: 2, select: 1}\nexport: {per_class: 2}\n"
+        f"evaluate: {{steps: 2, heldout: {heldout}}}\n"
+    )
+    out = tmp_path / "o"
+    args = [
+        "synthesize",
+        str(config),
+        "--out",
+        str(out),
+        "--set",
+        "privacy.epsilon=3",
+        "-q",
+        "--evaluate",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "privacy spent: epsilon 3.000" in result.output
+        and "held-out accuracy (4 real images)" in result.output
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (
+        manifest["config"]["privacy"]["epsilon"] == 3.0
+        and manifest["evaluation"]["heldout_images"] == 4
+    )
