@@ -40,6 +40,16 @@ def _records(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _runs_a_client_app(supernode: psutil.Process) -> bool:
+    for child in supernode.children(recursive=True):
+        try:
+            if "flwr-clientapp" in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:  # gone, or a zombie between tasks
+            continue
+    return False
+
+
 @pytest.fixture
 def deployment(tmp_path):
     """Partition + split folders, and a started SuperLink with two SuperNodes."""
@@ -106,7 +116,7 @@ def test_a_supernode_killed_mid_round_is_a_dropped_client(deployment, tmp_path):
     else:
         pytest.fail("round 1 never finished: " + deployment.logs["superlink"].read_text()[-2000:])
     while time.monotonic() < deadline:
-        if any("flwr-clientapp" in " ".join(c.cmdline()) for c in victim.children(recursive=True)):
+        if _runs_a_client_app(victim):
             break
         time.sleep(0.05)
     else:

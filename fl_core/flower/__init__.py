@@ -30,11 +30,20 @@ FLOWER_ENV = {
 }
 
 
+class _KnownDeprecation(logging.Filter):
+    # ktl runs the simulation in-process beside its own loop, which `flwr run` cannot do
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
+
+
 def quiet_flower() -> None:
     """Set the environment above (where unset) and keep Flower's per-message logs quiet."""
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _KnownDeprecation) for f in logger.filters):
+        logger.addFilter(_KnownDeprecation())
 
 
 def require_flower() -> None:
