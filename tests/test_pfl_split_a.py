@@ -372,9 +372,9 @@ def test_learns_on_digits(algorithm):
 @pytest.mark.parametrize(
     "algorithm, hparams, field",
     [
-        ("fedper", {"head_epochs": 1}, "algorithm.head_epochs"),
+        ("fedper", {"head_epochs": 1}, "algorithm.head_epochs: unknown key"),
         ("fedbabu", {"finetune_epochs": -1}, "algorithm.finetune_epochs"),
-        ("fedrod", {"lam": 1.0}, "algorithm.lam"),
+        ("fedrod", {"lam": 1.0}, "algorithm.lam: unknown key"),
         ("fedcp", {"lam": -1.0}, "algorithm.lam"),
         ("fedcp", {"head_mix": 1.5}, "algorithm.head_mix"),
         ("fedcp", {"tau": 0.0}, "algorithm.tau"),
