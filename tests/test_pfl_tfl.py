@@ -348,3 +348,33 @@ def test_fedbn_keeps_every_batchnorm_layer_local_on_a_resnet():
             expected = states[cid][key] if key in bn_keys else fed.server.global_state[key]
             assert torch.equal(value, expected), key
     fed.close()
+
+
+def test_fedcross_shares_a_middle_model_among_extra_clients_and_mixes_untrained_ones():
+    from fl_core.algorithms.common import weighted_average
+
+    cfg = config("fedcross", alpha=0.9, select="in_order")
+    cfg["federation"].update(join_ratio=0.5, random_join_ratio=True)
+    fed = Federation(build_config(cfg))
+    server = fed.server
+    assert server.k == 2
+    seen_extra = False
+    for rnd in (1, 2, 3, 4):
+        before = [dict(m) for m in server.middle]
+        fed.train_round(rnd)
+        replies = fed._pending_replies
+        groups = {m: [c for c, a in server._assignment.items() if a == m] for m in range(2)}
+        seen_extra |= any(len(g) > 1 for g in groups.values())
+        trained = [
+            weighted_average([(replies[c].message, replies[c].num_samples) for c in groups[m]])
+            if groups[m]
+            else before[m]
+            for m in range(2)
+        ]
+        fed.aggregate(rnd)
+        for i in range(2):
+            for k in server.param_keys:
+                expected = 0.9 * trained[i][k] + 0.1 * trained[1 - i][k]
+                assert torch.allclose(server.middle[i][k], expected, atol=1e-6)
+    assert seen_extra
+    fed.close()
