@@ -497,3 +497,33 @@ def test_cli_writes_the_dataset_and_reports_the_budget(tmp_path, private_dir) ->
         manifest["config"]["privacy"]["epsilon"] == 3.0
         and manifest["evaluation"]["heldout_images"] == 4
     )
+
+
+def test_prompt_conditioned_generator_uses_a_prompt_per_class(tmp_path, private_dir) -> None:
+    from generators.testing import build_stable_diffusion_pipeline
+
+    sd = load_generator(
+        f"diffusers:{build_stable_diffusion_pipeline(tmp_path / 'sd')}", num_inference_steps=2
+    )
+    prompts = []
+    real_set_prompt = sd.set_prompt
+
+    def recording(prompt, negative_prompt=None):
+        prompts.append(prompt)
+        real_set_prompt(prompt, negative_prompt)
+
+    sd.set_prompt = recording
+    cfg = build_config(
+        _config(
+            private_dir,
+            generator={"prompt": "a photo of a {label}"},
+            mechanism={"iterations": 1, "population": 2, "select": 1},
+            export={"per_class": 2},
+        )
+    )
+    result = synthesize(cfg, generator=sd)
+    assert result.images.shape == (4, 3, 16, 16)
+    assert set(prompts) == {"a photo of a bear", "a photo of a zebra"}
+    assert result.manifest["embedding"]["name"] == "pixels:16"  # no denoiser for latent diffusion
+    with pytest.raises(SynthesisConfigError, match="prompt-conditioned"):
+        synthesize(cfg, generator=load_generator("builtin", num_inference_steps=1))
