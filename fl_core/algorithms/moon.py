@@ -13,14 +13,13 @@ eval mode. The server is FedAvg's. Down and up per client per round: the whole m
 FedAvg; the previous local model persists on the client (one model per client).
 
 Before a client's first participation its previous model is the federation's initial model, as
-in PFLlib (and the paper's code, which starts every client's model buffer from the initial
-network); ``mu=0`` is FedAvg exactly.
+in PFLlib (a copy of the initial model); ``mu=0`` is FedAvg exactly.
 
 Differences from PFLlib's MOON:
 
 - PFLlib's ``-mu`` default is 0, which turns the contrastive term off (FedAvg) and its ``-tau``
   default is 1.0; ours are mu = 1 and tau = 0.5, the paper's values for CIFAR-100 and
-  Tiny-ImageNet (it uses mu = 5 on CIFAR-10) and its code's defaults.
+  Tiny-ImageNet (it uses mu = 5 on CIFAR-10).
 - The paper's networks add a projection head (a two-layer MLP) after the encoder and contrast
   its output; like PFLlib we contrast the body's features, the representation our models share
   with the head, so MOON runs on every architecture with a body/head split unchanged.
