@@ -314,6 +314,15 @@ def _mount_generators() -> None:
 _mount_generators()
 
 
+def _mount_transfer() -> None:
+    from ktl.cli_transfer import transfer
+
+    app.command("transfer")(transfer)
+
+
+_mount_transfer()
+
+
 def _mount_synthesize() -> None:
     try:
         from ktl.cli_synthesize import synthesize_command

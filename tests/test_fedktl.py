@@ -183,3 +183,59 @@ def test_bad_hyperparameters_get_a_clear_error():
         build_config(tiny_config("fedktl", mu=-1.0))
     with pytest.raises(Exception, match="unseen_classes"):
         build_config(tiny_config("fedktl", unseen_classes="maybe"))
+
+
+# -- cloud-edge transfer (ktl transfer) ---------------------------------------------------------
+def _digits_config(**algo):
+    from fl_core.config import load_config
+
+    sets = ["data.dataset=digits", "model.name=mlp", "model.feature_dim=16"]
+    sets += [f"algorithm.{k}={v}" for k, v in {"name": "fedktl", **FAST, **algo}.items()]
+    return load_config(None, sets)
+
+
+def test_few_shot_split_has_k_shots_per_class_disjoint_from_its_test_split():
+    from ktl.transfer import few_shot_dataset
+
+    cfg = _digits_config()
+    small = few_shot_dataset(cfg, 2, seed=0)
+    large = few_shot_dataset(cfg, 5, seed=0)
+    c = small.clients[0]
+    assert small.num_classes == 10 and len(small.clients) == 1
+    assert torch.bincount(c.train_y, minlength=10).tolist() == [2] * 10
+    assert not set(c.train_indices.tolist()) & set(c.test_indices.tolist())
+    # the test split does not depend on the shots, and k shots are a prefix of k' shots
+    assert torch.equal(c.test_indices, large.clients[0].test_indices)
+    for cls in range(10):
+        few = c.train_indices[c.train_y == cls].tolist()
+        more = large.clients[0].train_indices[large.clients[0].train_y == cls].tolist()
+        assert few == more[:2]
+    three_way = few_shot_dataset(cfg, 3, seed=1, ways=3)
+    assert three_way.num_classes == 3
+    assert set(three_way.clients[0].test_y.tolist()) == {0, 1, 2}
+
+
+def test_transfer_summary_gains():
+    from ktl.transfer import TransferRow, summarize
+
+    rows = [
+        TransferRow(2, 0, 0.0, 0.40, 0.40, 1.0),
+        TransferRow(2, 1, 0.0, 0.50, 0.50, 1.0),
+        TransferRow(2, 0, 50.0, 0.60, 0.60, 1.0),
+        TransferRow(2, 1, 50.0, 0.80, 0.80, 1.0),
+    ]
+    (s,) = summarize(rows)
+    assert s["client_only"] == pytest.approx(45.0) and s["with_ktl"] == pytest.approx(70.0)
+    assert s["gain"] == pytest.approx(25.0)
+    assert s["relative_gain"] == pytest.approx(25.0 / 45.0 * 100)
+    assert s["client_only_std"] == pytest.approx(100 * math.sqrt(0.005))
+
+
+def test_bad_shot_counts_are_refused():
+    from fl_core.data import DataError
+    from ktl.transfer import few_shot_dataset
+
+    with pytest.raises(DataError, match="shots"):
+        few_shot_dataset(_digits_config(), 0, seed=0)
+    with pytest.raises(DataError, match="ways"):
+        few_shot_dataset(_digits_config(), 2, seed=0, ways=11)
