@@ -348,3 +348,21 @@ def test_fedmtl_server_holds_the_sum_of_the_latest_models_and_the_penalty_pulls_
     tight, fed = _spread(5.0)
     fed.close()
     assert tight < 0.5 * loose
+
+
+# -- learning -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "algorithm, rounds",
+    # Per-FedAvg takes one outer step per two batches: it needs twice the rounds
+    [("perfedavg", 8), ("pfedme", 4), ("apfl", 4), ("fedphp", 4), ("fedmtl", 4)],
+)
+def test_personalised_models_beat_chance_on_digits(algorithm, rounds):
+    from fl_core.config import load_config
+
+    over = [
+        "federation.executor=sequential",
+        f"federation.rounds={rounds}",
+        f"federation.eval_every={rounds}",
+        f"algorithm.name={algorithm}",
+    ]
+    assert run(load_config("configs/quick_digits.yaml", over)).best_test_acc > 0.3  # chance 0.1
