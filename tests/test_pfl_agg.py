@@ -112,6 +112,11 @@ def test_fedamp_cloud_model_is_the_attention_weighted_mix_of_every_stored_model(
         expected = (1 - xi.sum()) * vec[i] + sum(xi[j] * vec[j] for j in range(4))
         got = server.cloud_models([i])[i]
         assert torch.allclose(got, expected, atol=1e-5)
+    # under a tiny memory budget the clients are taken one block at a time: same cloud models
+    together = server.cloud_models([0, 1, 2, 3])
+    server.store.memory_budget = 1
+    blocked = server.cloud_models([0, 1, 2, 3])
+    assert all(torch.equal(together[i], blocked[i]) for i in together)
     fed.close()
 
 

@@ -34,6 +34,15 @@ def _remove_dir(path: str, owner_pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _own_storage(t: Tensor) -> Tensor:
+    """``t`` on the CPU in a storage of its own: kept as is when it already is (a reply's
+    tensors, which nothing else writes to), copied when it is a view into a larger one."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
+
+
 class ModelStore:
     """Per-client model states (flat ``{key: tensor}`` dicts) under a memory budget in bytes."""
 
@@ -79,7 +88,8 @@ class ModelStore:
         return self.default
 
     def put(self, client_id: int, state: Mapping[str, Tensor]) -> None:
-        """Store (a detached CPU copy of) the client's model; its keys must be ``default``'s."""
+        """Store the client's model (its tensors are kept, not copied, when each is already a
+        whole CPU storage: do not modify them afterwards); its keys must be ``default``'s."""
         if set(state) != set(self.default):
             extra = sorted(set(state) - set(self.default))[:3]
             missing = sorted(set(self.default) - set(state))[:3]
@@ -88,9 +98,9 @@ class ModelStore:
                 f"(unexpected {extra}, missing {missing})"
             )
         self.discard(client_id)
-        copy = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-        self._mem[client_id] = copy
-        self._mem_bytes += tensor_nbytes(copy)
+        kept = {k: _own_storage(v) for k, v in state.items()}
+        self._mem[client_id] = kept
+        self._mem_bytes += tensor_nbytes(kept)
         while self._mem_bytes > self.memory_budget and self._mem:
             old_id, old = self._mem.popitem(last=False)
             self._mem_bytes -= tensor_nbytes(old)

@@ -8,8 +8,8 @@ on CE + λ/(2α_K)·‖w − u_i‖² and uploads it; it is evaluated with that 
 
 What travels, per selected client and round: down, u_i (the model's parameters); up, the whole
 model. Every client's model is kept on the server in a `ModelStore` (memory up to the
-federation's ``state_memory_mb``, then disk), and the cloud models are computed in two streaming
-passes over it, so server memory grows with the selected clients, not with all of them.
+federation's ``state_memory_mb``, then disk), and the cloud models are computed in blocks of
+selected clients that fit that budget, each with two streaming passes over the store.
 
 Differences from PFLlib's FedAMP:
 
@@ -98,7 +98,16 @@ class FedAMPServer(Server):
         return torch.cat([state[k].reshape(-1).float() for k in self.param_shapes])
 
     def cloud_models(self, client_ids: list[int]) -> dict[int, Tensor]:
-        """u_i as one flat parameter vector per client, in two passes over the stored models."""
+        """u_i as one flat parameter vector per client. Clients are taken in blocks whose own
+        vectors fit the memory budget; each block makes two passes over the stored models."""
+        vector_bytes = 4 * sum(shape.numel() for shape in self.param_shapes.values())
+        block = max(1, int(self.store.memory_budget // vector_bytes))
+        clouds: dict[int, Tensor] = {}
+        for start in range(0, len(client_ids), block):
+            clouds.update(self._cloud_block(client_ids[start : start + block]))
+        return clouds
+
+    def _cloud_block(self, client_ids: list[int]) -> dict[int, Tensor]:
         hp = self.hp
         everyone = list(range(self.ctx.num_clients))
         own = {i: self._vector(self.store.get(i)) for i in client_ids}

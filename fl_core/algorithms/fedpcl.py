@@ -33,8 +33,9 @@ Differences from PFLlib's FedPCL:
   (``max_grad_norm``; the paper's code does not clip).
 - Like PFLlib (and the paper's code, whose loss is zero then), a client does not train before
   any global prototype exists: in round 1 it only uploads its prototypes.
-- A held-out new client receives the prototypes, fine-tunes its body on the same loss, and
-  predicts with the local prototypes of its own training data.
+- Evaluation receives the same prototypes, so the reported train loss is the training
+  objective; a client still predicts with its own local prototypes. A held-out new client
+  fine-tunes its body on that loss and predicts with the prototypes of its own training data.
 """
 
 from __future__ import annotations
@@ -168,14 +169,6 @@ class FedPCLServer(Server):
         has = self.client_has.bool().unsqueeze(2)
         padded = torch.where(has, self.client_protos, glob.unsqueeze(0))
         return {"proto/global": glob, "proto/known": known, "proto/clients": padded}
-
-    def evaluation_broadcast(self, round: int) -> Message:
-        return {}  # a client predicts with its own local prototypes
-
-    def configure_evaluation(self, round: int, client_ids: list[int]) -> dict[int, Message]:
-        # held-out new clients fine-tune on the prototypes before they are evaluated
-        new = [c for c in client_ids if c >= self.ctx.num_clients]
-        return {c: self.broadcast(round) for c in new}
 
     def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
         for cid, reply in replies.items():
