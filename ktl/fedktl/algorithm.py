@@ -30,6 +30,7 @@ Differences from the reference code (FedKTL/HtFLlib), each a decision:
   client keeps its h' between rounds (a persistent part) and nothing about h' is sent.
   ``reset_projection=True`` restores the reference (the server's initial h' is then broadcast
   every round and counted).
+- With ``mu = 0`` the server neither trains F nor generates: nothing would use the pairs.
 - **One pair per class per round** as the reference (``pairs_per_class=1``); more pairs draw
   variance-preserving perturbations of each centroid (``pair_spread``).
 - **Classes no client has uploaded yet** keep random centroids in the reference, which still
@@ -324,6 +325,8 @@ class FedKTLServer(Server):
             return
         self.seen[y.cpu()] = True
         hp: FedKTLHParams = self.hp
+        if hp.mu == 0:  # the transfer task is off: clients would ignore the pairs
+            return
         prior_rng = self.ctx.rng(round, "fedktl-prior")
         self.last_losses = align(
             self.transformer,
