@@ -102,6 +102,10 @@ class FedKTLHParams(HParams):
     generator_steps: int | None = Field(
         None, ge=1, description="sampling steps of a diffusion generator (default: its own)"
     )
+    generator_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="backend options, e.g. {prompt: 'a photo of an animal'} for Stable Diffusion",
+    )
     gen_batch_size: int = Field(4, ge=1, description="images synthesised per generator call")
     pairs_per_class: int = Field(1, ge=1, description="image-latent pairs per class per round")
     pair_spread: float = Field(
@@ -254,7 +258,7 @@ class FedKTLServer(Server):
         super().__init__(ctx, hparams)
         from generators import load_generator
 
-        options = {}
+        options = dict(hparams.generator_options)
         if hparams.generator_steps is not None:
             options["num_inference_steps"] = hparams.generator_steps
         device = hparams.generator_device
