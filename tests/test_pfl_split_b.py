@@ -165,12 +165,10 @@ def test_fedas_fisher_trace_is_the_summed_squared_batch_gradient():
     trace = client.fisher_trace()
     # by hand: the same batches (same generator), gradients through backward()
     again = fed.runtime.client(1, 1, "train", {})
-    perm = torch.randperm(data.num_train, generator=again.ctx.rng)
     expected = 0.0
     model = again.model
     model.eval()
-    for start in range(0, data.num_train, 16):
-        idx = perm[start : start + 16]
+    for idx in again.epoch_batches():
         model.zero_grad()
         nn.functional.cross_entropy(model(data.train_x[idx]), data.train_y[idx]).backward()
         expected += sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())

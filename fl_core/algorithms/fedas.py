@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Client, ClientContext, HParams, Message, Reply, ServerContext
+from .base import Client, ClientContext, HParams, Message, Reply, ServerContext, split_batches
 from .common import class_means, weighted_average
 from .fedavg import FedAvgServer
 from .registry import AlgorithmError, register_algorithm
@@ -93,8 +93,7 @@ class FedAsClient(Client):
         bs = self.hp.align_batch_size
         for _ in range(self.hp.align_epochs):
             perm = torch.randperm(ctx.num_train, generator=ctx.rng)
-            for start in range(0, ctx.num_train, bs):
-                idx = perm[start : start + bs]
+            for idx in split_batches(perm, bs, ctx.settings.drop_last):
                 x = ctx.train_x.index_select(0, idx).to(ctx.device)
                 y = ctx.train_y.index_select(0, idx).to(ctx.device)
                 opt.zero_grad(set_to_none=True)
