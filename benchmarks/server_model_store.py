@@ -157,7 +157,10 @@ def table(rows: list[dict], clients: int, rounds: int, join: float) -> str:
     lines += [
         "",
         "The steady state is what the store is for: with the small budget the server keeps a "
-        "few models in memory and reads the others from disk when it needs them. What it cannot "
+        "few models in memory and reads the others from disk when it needs them. The rows over "
+        "FedAvg also count the engine's client state store (each FedFomo and FedAMP client "
+        "keeps its model, each APPLE client its personalized model), which the same budget "
+        "bounds. What the budget cannot "
         "bound: FedAMP's server holds one cloud model per selected client (the round's "
         "messages) plus the selected clients' own vectors in blocks that fit the budget; "
         "FedFomo's, the distinct models it sends in a round (up to M = 5 per selected client); "
