@@ -102,6 +102,7 @@ def test_server_training_moves_transformed_prototypes_toward_the_prior():
     losses = align(
         transformer, centroids, protos, labels, prior,
         epochs=60, batch_size=20, lr=0.01, lam=0.1, generator=torch.Generator().manual_seed(3),
+        prior_norm=False,
     )  # fmt: skip
     after = distance()
     assert len(losses) == 60 and losses[-1] < losses[0]
@@ -239,3 +240,20 @@ def test_bad_shot_counts_are_refused():
         few_shot_dataset(_digits_config(), 0, seed=0)
     with pytest.raises(DataError, match="ways"):
         few_shot_dataset(_digits_config(), 2, seed=0, ways=11)
+
+
+def test_centroids_are_rescaled_to_the_prior_norm():
+    g = torch.Generator().manual_seed(4)
+    k, latent = 3, 8
+    protos = F.normalize(torch.randn(9, k, generator=g), dim=1)
+    labels = torch.arange(9) % k
+    centroids = torch.nn.Parameter(torch.randn(k, latent, generator=g))
+    prior_rng = torch.Generator().manual_seed(5)
+    align(
+        FeatureTransformer(k, latent, torch.Generator().manual_seed(6)), centroids, protos,
+        labels, lambda n: 5.0 * torch.randn(n, latent, generator=prior_rng),
+        epochs=3, batch_size=9, lr=0.01, lam=1.0, generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    norms = centroids.detach().norm(dim=1)
+    assert torch.allclose(norms, norms.mean().expand(k), rtol=1e-5)
+    assert abs(float(norms.mean()) - 5.0 * math.sqrt(latent)) < 0.15 * 5.0 * math.sqrt(latent)

@@ -39,8 +39,15 @@ Differences from the reference code (FedKTL/HtFLlib), each a decision:
 - **MMD kernel.** The reference sums RBF kernels with fixed bandwidths 2 x {10, 15, 20, 50};
   against latents of hundreds of dimensions (squared distances ~ 2 · latent size) those kernels
   are all ~0 and the MMD term carries almost no gradient. The default here scales five
-  bandwidths to the batch's mean squared distance (powers of 2 around it);
+  bandwidths to the prior sample's mean squared distance (powers of 2 around it; scaled to the
+  joint sample instead, the transformed prototypes and centroids grew without bound);
   ``mmd_bandwidths=[20, 30, 40, 100]`` is the reference.
+- **Centroids on the prior's shell.** After each round's training the centroids are rescaled
+  to the mean norm of draws from the generator's prior (``prior_norm``): the latents then lie
+  where the generator puts its mass, and the transformer cannot carry them away. Without it
+  (the reference) we saw the centroids' scale grow about 30-fold a round on a few-shot client,
+  the MMD's repulsion among prototypes outweighing its pull toward prior draws far away, and
+  the clients' regression targets with it. ``prior_norm=false`` is the reference.
 - **Diffusion latents.** For a diffusion model the latent is the initial noise x_T, as in the
   reference (for Stable Diffusion 4x64x64 = 16,384 values). F's width is K, so it stays at about
   K · 16,384 parameters; the clients' regression target is the latent average-pooled spatially
@@ -119,6 +126,9 @@ class FedKTLHParams(HParams):
     )
     mmd_bandwidths: list[float] | None = Field(
         None, description="fixed RBF bandwidths (reference: [20, 30, 40, 100]); None = scaled"
+    )
+    prior_norm: bool = Field(
+        True, description="rescale the centroids to the prior's mean norm after training (ours)"
     )
     max_client_latent: int = Field(
         4096, ge=1, description="largest latent the clients regress (spatial latents pooled)"
@@ -345,6 +355,7 @@ class FedKTLServer(Server):
             generator=self.ctx.rng(round, "fedktl-batches"),
             bandwidths=hp.mmd_bandwidths,
             clip=hp.clip,
+            prior_norm=hp.prior_norm,
         )
         self.generate_pairs(round)
 

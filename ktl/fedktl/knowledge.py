@@ -116,6 +116,20 @@ def class_means_of(values: Tensor, labels: Tensor, num_classes: int) -> tuple[Te
     return sums / counts.clamp(min=1).unsqueeze(1).to(values.dtype), present
 
 
+def prior_bandwidths(w: Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> list[float]:
+    """Gaussian-kernel bandwidths scaled to the prior sample ``w`` alone: its mean pairwise
+    squared distance times ``kernel_mul**i`` for ``i`` centred on 0. Scaled to the target and not
+    to the joint sample, the kernel cannot grow with the transformed prototypes, so the MMD keeps
+    pulling them to the prior's scale instead of letting both drift (they diverged round after
+    round when the bandwidth followed the joint sample)."""
+    n = w.shape[0]
+    d2 = torch.cdist(w.detach().double(), w.detach().double()).pow(2)
+    base = float(d2.sum() / max(n * n - n, 1)) if n > 1 else float(w.detach().pow(2).sum())
+    base = max(base, 1e-12)
+    start = -(kernel_num // 2)
+    return [base * kernel_mul ** (start + i) for i in range(kernel_num)]
+
+
 def align(
     transformer: FeatureTransformer,
     centroids: nn.Parameter,
@@ -130,6 +144,7 @@ def align(
     generator: torch.Generator,
     bandwidths: Sequence[float] | None = None,
     clip: float = 100.0,
+    prior_norm: bool = True,
 ) -> list[float]:
     """Train ``transformer`` (and the class ``centroids``) so that the transformed prototypes
     match the generator's latent prior in distribution (MMD against ``sample_prior(n)``, as many
@@ -137,8 +152,11 @@ def align(
     ``MMD(F(P), W) + lam · MSE(F(P), centroid[y])``, Adam, gradient norm clipped at ``clip``.
 
     Centroids of the classes present start at, and end as, the class means of F(P) in eval
-    mode; other classes keep theirs. A trailing batch of one prototype is skipped (BatchNorm
-    cannot train on it). Returns the mean loss of each epoch.
+    mode; other classes keep theirs. With ``prior_norm`` the final centroids are rescaled to the
+    mean norm of prior draws, so the latents handed to the generator lie where its prior puts
+    its mass (and a transformer that drifted cannot carry the centroids away round after round).
+    A trailing batch of one prototype is skipped (BatchNorm cannot train on it). Returns the
+    mean loss of each epoch.
     """
     num_classes = centroids.shape[0]
 
@@ -152,19 +170,20 @@ def align(
     n = prototypes.shape[0]
     losses: list[float] = []
     if n < 2 or epochs == 0:
-        return losses
+        epochs = 0
     params = [*transformer.parameters(), centroids]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     transformer.train()
     for _ in range(epochs):
-        total, steps = 0.0, 0
+        total, steps = 0.0, 0  # (no epochs: fewer than two prototypes, or epochs == 0)
         for idx in torch.randperm(n, generator=generator).split(batch_size):
             if idx.numel() < 2:
                 continue
             idx = idx.to(prototypes.device)
             q = transformer(prototypes[idx])
             w = sample_prior(idx.numel()).reshape(idx.numel(), -1).to(q)
-            loss = mmd(q, w, bandwidths=bandwidths) + lam * F.mse_loss(q, centroids[labels[idx]])
+            loss = mmd(q, w, bandwidths=bandwidths or prior_bandwidths(w))
+            loss = loss + lam * F.mse_loss(q, centroids[labels[idx]])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, clip)
@@ -173,6 +192,11 @@ def align(
             steps += 1
         losses.append(total / max(steps, 1))
     reset_centroids()
+    if prior_norm:
+        with torch.no_grad():
+            target = sample_prior(256).reshape(256, -1).to(centroids).norm(dim=1).mean()
+            norms = centroids.data.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            centroids.data.mul_(target / norms)
     return losses
 
 
