@@ -174,7 +174,8 @@ class FedKTLClient(Client):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if "proj/weight" in state and self.proj is None and "proj" in self.persistent:
-            self.proj = self._make_projection(state["proj/weight"].shape[0])
+            out_dim, in_dim = state["proj/weight"].shape  # its values come from the state
+            self.proj = nn.utils.skip_init(nn.Linear, in_dim, out_dim, device=self.ctx.device)
         if state:
             parts = self.parts()
             load_flat(parts, state, "client state", selected_keys(parts, self._kept()))
@@ -206,7 +207,9 @@ class FedKTLClient(Client):
         if "proj/weight" in message:
             weight, bias = message["proj/weight"], message["proj/bias"]
             if self.proj is None or self.proj.weight.shape != weight.shape:
-                self.proj = nn.Linear(weight.shape[1], weight.shape[0]).to(device)
+                self.proj = nn.utils.skip_init(
+                    nn.Linear, weight.shape[1], weight.shape[0], device=device
+                )
             with torch.no_grad():
                 self.proj.weight.copy_(weight)
                 self.proj.bias.copy_(bias)
