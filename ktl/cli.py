@@ -122,9 +122,9 @@ def run(
                 status = progress.tasks[task].fields["status"]
                 if rec is not None:
                     m = rec.metrics
-                    status = (
-                        f"acc {m['test_acc']:.4f}  loss {m.get('train_loss', float('nan')):.4f}"
-                    )
+                    status = f"acc {m['test_acc']:.4f}"
+                    if "train_loss" in m:  # absent with federation.eval_train_loss=false
+                        status += f"  loss {m['train_loss']:.4f}"
                 progress.update(task, completed=rnd, status=status)
 
             result = run_federation(cfg, out_dir=out, on_round=on_round, resume=resume is not None)
