@@ -1,12 +1,12 @@
 """Pieces shared by many algorithms: weighted averaging, the shared initial state of a model,
-per-class feature sums (prototypes)."""
+per-class feature sums (prototypes), a server that sends nothing for evaluation."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .base import ClientContext, Message, ServerContext
+from .base import ClientContext, Message, Server, ServerContext
 from .parts import Select, Selector, select_state
 from .registry import AlgorithmError
 
@@ -93,3 +93,14 @@ def class_means(model: nn.Module, ctx: ClientContext) -> tuple[Tensor, Tensor]:
         sums.index_add_(0, ctx.train_y[start : start + bs].to(ctx.device), features)
     counts = torch.bincount(ctx.train_y.to(ctx.device), minlength=ctx.num_classes)
     return sums / counts.clamp(min=1).unsqueeze(1), counts
+
+
+class OwnModelEvaluation(Server):
+    """The base of a server whose clients are evaluated with their own model, so evaluation
+    sends nothing (FedAMP, FedFomo)."""
+
+    def evaluation_broadcast(self, round: int) -> Message:
+        return {}
+
+    def configure_evaluation(self, round: int, client_ids: list[int]) -> dict[int, Message]:
+        return {}

@@ -36,8 +36,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ._model_store import ModelStore
-from .base import Client, ClientContext, HParams, Message, Reply, Server, ServerContext
-from .common import shared_model_state
+from .base import Client, ClientContext, HParams, Message, Reply, ServerContext
+from .common import OwnModelEvaluation, shared_model_state
 from .fedprox import add_proximal_gradient
 from .parts import Part, select_state
 from .registry import register_algorithm
@@ -85,7 +85,7 @@ class FedAMPClient(Client):
         return self.reply(select_state(self.parts(), ("model",)), result)
 
 
-class FedAMPServer(Server):
+class FedAMPServer(OwnModelEvaluation):
     def __init__(self, ctx: ServerContext, hparams: FedAMPHParams) -> None:
         super().__init__(ctx, hparams)
         initial = shared_model_state(ctx, ("model",))  # one architecture: refuses a mixed group
@@ -138,12 +138,6 @@ class FedAMPServer(Server):
                 start += n
             out[cid] = msg
         return out
-
-    def evaluation_broadcast(self, round: int) -> Message:
-        return {}
-
-    def configure_evaluation(self, round: int, client_ids: list[int]) -> dict[int, Message]:
-        return {}  # a client is evaluated with its own model
 
     def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
         for cid, reply in replies.items():

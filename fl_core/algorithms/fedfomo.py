@@ -39,8 +39,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ._model_store import ModelStore, pack_models, unpack_models
-from .base import Client, ClientContext, HParams, Message, Reply, Server, ServerContext
-from .common import shared_model_state
+from .base import Client, ClientContext, HParams, Message, Reply, ServerContext
+from .common import OwnModelEvaluation, shared_model_state
 from .parts import PartError, select_state
 from .registry import register_algorithm
 
@@ -158,7 +158,7 @@ class FedFomoClient(Client):
         return self.reply(message, result)
 
 
-class FedFomoServer(Server):
+class FedFomoServer(OwnModelEvaluation):
     def __init__(self, ctx: ServerContext, hparams: FedFomoHParams) -> None:
         super().__init__(ctx, hparams)
         initial = shared_model_state(ctx, ("model",))  # one architecture: refuses a mixed group
@@ -201,12 +201,6 @@ class FedFomoServer(Server):
                 msg["fomo/ids"] = torch.tensor(chosen, dtype=torch.int64)
             out[i] = msg
         return out
-
-    def evaluation_broadcast(self, round: int) -> Message:
-        return {}
-
-    def configure_evaluation(self, round: int, client_ids: list[int]) -> dict[int, Message]:
-        return {}  # a client is evaluated with its own model
 
     def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
         for cid, reply in replies.items():
