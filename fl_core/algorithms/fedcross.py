@@ -49,10 +49,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import HParams, Message, Reply, Server, ServerContext
-from .common import shared_model_state, weighted_average
-from .fedavg import FedAvgClient
-from .registry import AlgorithmError, register_algorithm
+from .base import HParams, Message, Reply, ServerContext
+from .common import weighted_average
+from .fedavg import FedAvgClient, FedAvgServer
+from .registry import register_algorithm
 
 
 class FedCrossHParams(HParams):
@@ -98,19 +98,23 @@ def cross_partners(vectors: list[Tensor], select: str, round: int) -> list[int]:
     return (sim.argmin(1) if select == "lowest" else sim.argmax(1)).tolist()
 
 
-class FedCrossServer(Server):
+class FedCrossServer(FedAvgServer):
+    """FedAvg's server (its ``global_state`` is the model evaluated and given to new clients)
+    plus the K middle models, which are what training sends."""
+
     def __init__(self, ctx: ServerContext, hparams: FedCrossHParams) -> None:
-        super().__init__(ctx, hparams)
-        initial = shared_model_state(ctx, ("model",))
+        super().__init__(ctx, hparams)  # global_state: the initial model
         settings = ctx.settings
         self.k = max(1, int(settings.join_ratio * ctx.num_clients + 0.5))
-        self.middle = [dict(initial) for _ in range(self.k)]
-        self.global_state = dict(initial)
+        self.middle = [dict(self.global_state) for _ in range(self.k)]
         model = ctx.build_model(ctx.distinct_architectures[0])
         self.param_keys = [f"model/{n}" for n, _ in model.named_parameters()]
         self._assignment: dict[int, int] = {}
 
     # -- training --------------------------------------------------------------------------
+    def broadcast(self, round: int) -> Message:
+        return {}  # each client receives its own middle model
+
     def configure(self, round: int, client_ids: list[int]) -> dict[int, Message]:
         order = torch.randperm(self.k, generator=self.ctx.rng(round, "dispatch")).tolist()
         self._assignment = {cid: order[j % self.k] for j, cid in enumerate(client_ids)}
@@ -119,13 +123,8 @@ class FedCrossServer(Server):
     def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
         if not replies:
             return
-        for cid, reply in replies.items():
-            unknown = set(reply.message) - set(self.global_state)
-            if unknown:
-                raise AlgorithmError(
-                    f"client {cid} uploaded {sorted(unknown)[:3]}, which the server does not hold"
-                )
-        uploads = weighted_average([(r.message, r.num_samples) for r in replies.values()])
+        super().aggregate(round, replies)  # FedAvg: checks the uploads and averages them
+        uploads = self.global_state
         if round <= self.hp.warmup_rounds:
             self.middle = [dict(uploads) for _ in range(self.k)]
             self.global_state = dict(uploads)
