@@ -49,8 +49,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._model_store import ModelStore, pack_models, unpack_models
-from .base import Client, ClientContext, HParams, Message, Reply, Server, ServerContext, TrainResult
-from .common import shared_model_state
+from .base import ClientContext, HParams, Message, Reply, Server, ServerContext, TrainResult
+from .common import PersonalModelClient, shared_model_state
 from .parts import Part, PartError, select_state
 from .registry import register_algorithm
 
@@ -83,26 +83,23 @@ def pull_weight(hp: APPLEHParams, round: int, rounds: int) -> float:
     return hp.mu * 0.001 ** (r / last)
 
 
-class APPLEClient(Client):
+class APPLEClient(PersonalModelClient):
     shared = ()  # the cores and p_0 are unpacked by `receive`
     persistent = ("personal", "dr")
 
     def __init__(self, ctx: ClientContext) -> None:
         super().__init__(ctx)
-        self.personal = ctx.extra_model("personal")
         self.dr = {"p": torch.zeros(0)}  # sized on first use: the client does not know N
         self.cores: list[dict[str, Tensor]] = []
         self.p0: Tensor | None = None
-        self._has_personal = False
 
     def parts(self) -> dict[str, Part]:
-        return {**super().parts(), "personal": self.personal, "dr": self.dr}
+        return {**super().parts(), "dr": self.dr}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if "dr/p" in state:
             self.dr["p"] = torch.zeros_like(state["dr/p"])
         super().load_state_dict(state)
-        self._has_personal = bool(state)
 
     def receive(self, message: Message) -> None:
         rest, self.cores = unpack_models(message, "cores", self.model.state_dict())
@@ -165,15 +162,6 @@ class APPLEClient(Client):
         self.dr["p"] = p.detach().cpu()
         self._has_personal = True
         return TrainResult(total / max(steps, 1), steps, samples)
-
-    def evaluation_model(self) -> nn.Module:
-        return self.personal if self._has_personal else self.model
-
-    def finetune(self, epochs: int) -> None:
-        if not self._has_personal:
-            self.personal.load_state_dict(self.model.state_dict())
-            self._has_personal = True
-        self.train(self.personal, epochs=epochs)
 
 
 class APPLEServer(Server):

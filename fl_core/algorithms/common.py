@@ -1,13 +1,14 @@
 """Pieces shared by many algorithms: weighted averaging, the shared initial state of a model,
-per-class feature sums (prototypes), a server that sends nothing for evaluation."""
+per-class feature sums (prototypes), a client with a personal model, a server that sends
+nothing for evaluation."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .base import ClientContext, Message, Server, ServerContext
-from .parts import Select, Selector, select_state
+from .base import Client, ClientContext, Message, Server, ServerContext
+from .parts import Part, Select, Selector, select_state
 from .registry import AlgorithmError
 
 
@@ -93,6 +94,34 @@ def class_means(model: nn.Module, ctx: ClientContext) -> tuple[Tensor, Tensor]:
         sums.index_add_(0, ctx.train_y[start : start + bs].to(ctx.device), features)
     counts = torch.bincount(ctx.train_y.to(ctx.device), minlength=ctx.num_classes)
     return sums / counts.clamp(min=1).unsqueeze(1), counts
+
+
+class PersonalModelClient(Client):
+    """The base of a client with a personal model (the part ``personal``) that it is evaluated
+    with once it has one (Ditto, APPLE). A client that never trained (a held-out new client)
+    has none: it is evaluated with the model part, and fine-tuning starts its personal model
+    from that. Subclasses list ``"personal"`` in ``persistent``."""
+
+    def __init__(self, ctx: ClientContext) -> None:
+        super().__init__(ctx)
+        self.personal = ctx.extra_model("personal")
+        self._has_personal = False  # a client that never trained has no personal model yet
+
+    def parts(self) -> dict[str, Part]:
+        return {**super().parts(), "personal": self.personal}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self._has_personal = bool(state)
+
+    def evaluation_model(self) -> nn.Module:
+        return self.personal if self._has_personal else self.model
+
+    def finetune(self, epochs: int) -> None:
+        if not self._has_personal:
+            self.personal.load_state_dict(self.model.state_dict())
+            self._has_personal = True
+        self.train(self.personal, epochs=epochs)
 
 
 class OwnModelEvaluation(Server):

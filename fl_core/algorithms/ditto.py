@@ -22,10 +22,10 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from .base import Client, ClientContext, HParams, Message, Reply
+from .base import HParams, Message, Reply
+from .common import PersonalModelClient
 from .fedavg import FedAvgServer
 from .fedprox import add_proximal_gradient
-from .parts import Part
 from .registry import register_algorithm
 
 
@@ -38,21 +38,9 @@ class DittoHParams(HParams):
     )
 
 
-class DittoClient(Client):
+class DittoClient(PersonalModelClient):
     shared = ("model",)
     persistent = ("personal",)
-
-    def __init__(self, ctx: ClientContext) -> None:
-        super().__init__(ctx)
-        self.personal = ctx.extra_model("personal")
-        self._has_personal = False  # a client that never trained has no personal model yet
-
-    def parts(self) -> dict[str, Part]:
-        return {**super().parts(), "personal": self.personal}
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        self._has_personal = bool(state)
 
     def receive(self, message: Message) -> None:
         super().receive(message)
@@ -68,15 +56,6 @@ class DittoClient(Client):
         reply = self.reply(self.upload(), result)
         reply.metrics["personal_loss"] = personal.loss
         return reply
-
-    def evaluation_model(self) -> nn.Module:
-        return self.personal if self._has_personal else self.model
-
-    def finetune(self, epochs: int) -> None:
-        if not self._has_personal:
-            self.personal.load_state_dict(self.model.state_dict())
-            self._has_personal = True
-        self.train(self.personal, epochs=epochs)
 
 
 register_algorithm(
