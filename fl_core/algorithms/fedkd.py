@@ -78,14 +78,14 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from fl_core.seeding import derive_seed
 
-from .base import Client, ClientContext, HParams, Message, Reply, Server, ServerContext
+from .base import Client, ClientContext, Message, Reply, Server, ServerContext
 from .common import weighted_average
-from .fml import build_shared_model, check_shared_model, clip_each, kl_to_target
+from .fml import SharedModelHParams, build_shared_model, clip_each, kl_to_target
 from .parts import Part
 from .registry import AlgorithmError, register_algorithm
 
@@ -94,15 +94,14 @@ UPDATE = "update"  # message space of a change of the mentee
 SPACES = (MENTEE, UPDATE)
 
 
-class FedKDHParams(HParams):
+class FedKDHParams(SharedModelHParams):
+    """The shared small model is the mentee."""
+
     t_start: float = Field(
         0.95, gt=0.0, le=1.0, description="energy kept by the SVD in the first round (-Ts)"
     )
     t_end: float = Field(
         0.98, gt=0.0, le=1.0, description="energy kept by the SVD in the last round (-Te)"
-    )
-    shared_model: str = Field(
-        "cnn4", description="architecture of the mentee model every client shares"
     )
     mentee_lr: float | None = Field(
         None, gt=0.0, description="learning rate of the mentee (unset: the federation's lr)"
@@ -116,12 +115,6 @@ class FedKDHParams(HParams):
         "flatten",
         description="factor a conv weight as out × (in·k·k) or per k×k kernel slice (HtFLlib)",
     )
-    kl_reduction: Literal["batchmean", "mean"] = Field(
-        "batchmean", description="KL per sample (paper) or also divided by classes (HtFLlib)"
-    )
-    max_grad_norm: float = Field(
-        10.0, ge=0.0, description="clip each model's gradient norm at this (0 = no clipping)"
-    )
     htfllib_gradients: bool = Field(
         False,
         description="differentiate through targets and the adaptive scale and count the "
@@ -130,11 +123,6 @@ class FedKDHParams(HParams):
     aggregate_by: Literal["clients", "samples"] = Field(
         "clients", description="average updates uniformly (paper, HtFLlib) or by sample count"
     )
-
-    @field_validator("shared_model")
-    @classmethod
-    def _registered_model(cls, value: str) -> str:
-        return check_shared_model(value)
 
 
 def energy_threshold(hp: FedKDHParams, round: int, rounds: int) -> float:

@@ -95,21 +95,34 @@ def clip_each(max_norm: float, *modules: nn.Module) -> None:
             nn.utils.clip_grad_norm_(m.parameters(), max_norm)
 
 
-class FMLHParams(HParams):
-    alpha: float = Field(
-        0.5, ge=0.0, le=1.0, description="local model: weight of CE (1 - alpha on the KL)"
-    )
-    beta: float = Field(
-        0.5, ge=0.0, le=1.0, description="meme model: weight of CE (1 - beta on the KL)"
-    )
+class SharedModelHParams(HParams):
+    """The hyperparameters of a client model distilling mutually with a small model that every
+    client shares (FML's meme, FedKD's mentee); the algorithms add theirs."""
+
     shared_model: str = Field(
-        "cnn4", description="architecture of the meme model every client shares"
+        "cnn4", description="architecture of the small model every client shares"
     )
     kl_reduction: Literal["batchmean", "mean"] = Field(
         "batchmean", description="KL per sample (paper) or also divided by classes (HtFLlib)"
     )
     max_grad_norm: float = Field(
         10.0, ge=0.0, description="clip each model's gradient norm at this (0 = no clipping)"
+    )
+
+    @field_validator("shared_model")
+    @classmethod
+    def _registered_model(cls, value: str) -> str:
+        return check_shared_model(value)
+
+
+class FMLHParams(SharedModelHParams):
+    """The shared small model is the meme model."""
+
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="local model: weight of CE (1 - alpha on the KL)"
+    )
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="meme model: weight of CE (1 - beta on the KL)"
     )
     htfllib_gradients: bool = Field(
         False,
@@ -119,11 +132,6 @@ class FMLHParams(HParams):
     aggregate_by: Literal["samples", "clients"] = Field(
         "samples", description="average memes by sample count (FedAvg) or uniformly (HtFLlib)"
     )
-
-    @field_validator("shared_model")
-    @classmethod
-    def _registered_model(cls, value: str) -> str:
-        return check_shared_model(value)
 
 
 class FMLClient(Client):
