@@ -10,7 +10,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(
@@ -62,6 +69,39 @@ def _load(config: Path | None, overrides: list[str] | None):
     return load_config(config, overrides or [])
 
 
+class RoundProgress:
+    """The progress display of a command that works in rounds (``ktl run``, ``ktl synthesize``):
+    "round", a bar, rounds done of the total, a status text and the elapsed time; with
+    ``quiet``, nothing. Use it as a context manager and call `update` after each round."""
+
+    def __init__(self, console: Console, total: int, status: str, quiet: bool = False) -> None:
+        self._progress = Progress(
+            TextColumn("[bold blue]round"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet,
+        )
+        self._total = total
+        self._status = status
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> RoundProgress:
+        self._progress.__enter__()
+        self._task = self._progress.add_task("rounds", total=self._total, status=self._status)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._progress.__exit__(*exc_info)
+
+    def update(self, completed: int, status: str | None = None) -> None:
+        """``completed`` rounds done; ``status`` replaces the status text (None keeps it)."""
+        fields = {} if status is None else {"status": status}
+        self._progress.update(self._task, completed=completed, **fields)
+
+
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config key, e.g. --set federation.rounds=5"),
@@ -106,26 +146,16 @@ def run(
             f"{cfg.federation.rounds} rounds -> {out}",
             highlight=False,
         )
-        progress = Progress(
-            TextColumn("[bold blue]round"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=quiet,
-        )
-        with progress:
-            task = progress.add_task("rounds", total=cfg.federation.rounds, status="loading data")
+        with RoundProgress(console, cfg.federation.rounds, "loading data", quiet) as progress:
 
             def on_round(rnd: int, rec) -> None:
-                status = progress.tasks[task].fields["status"]
+                status = None  # a round without evaluation keeps the last status
                 if rec is not None:
                     m = rec.metrics
                     status = f"acc {m['test_acc']:.4f}"
                     if "train_loss" in m:  # absent with federation.eval_train_loss=false
                         status += f"  loss {m['train_loss']:.4f}"
-                progress.update(task, completed=rnd, status=status)
+                progress.update(rnd, status)
 
             result = run_federation(cfg, out_dir=out, on_round=on_round, resume=resume is not None)
     except _user_errors() as e:

@@ -53,7 +53,8 @@ def synthesize_command(
     except USER_ERRORS as exc:
         _fail(exc)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ktl.cli import RoundProgress
 
     console = Console(stderr=True)
     m = cfg.mechanism
@@ -63,27 +64,16 @@ def synthesize_command(
         f"delta {cfg.privacy.delta:g} -> {out}",
         highlight=False,
     )
-    progress = Progress(
-        TextColumn("[bold blue]round"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-    )
     try:
-        with progress:
-            task = progress.add_task(
-                "rounds", total=m.iterations, status="generating the first candidates"
-            )
+        first = "generating the first candidates"
+        with RoundProgress(console, m.iterations, first, quiet) as progress:
 
             def on_progress(info: dict) -> None:
                 status = (
                     f"epsilon spent {_eps(info['epsilon_spent'])} of {_eps(info['epsilon'])}, "
                     f"about {info['eta']:.0f} s left"
                 )
-                progress.update(task, completed=info["iteration"], status=status)
+                progress.update(info["iteration"], status)
 
             result = synthesize(
                 cfg, out, evaluate=evaluate, overwrite=overwrite, on_progress=on_progress
