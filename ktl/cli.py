@@ -6,7 +6,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from fl_core.algorithms import Algorithm
 
 app = typer.Typer(
     help="ktl: federated learning across heterogeneous data and models.",
@@ -213,16 +216,24 @@ def _print_mapping(title: str, mapping: dict[str, str]) -> None:
     console.print(table)
 
 
-@list_app.command("algorithms")
-def list_algorithms_cmd() -> None:
-    """Registered FL algorithms, by family."""
+def algorithms_by_family() -> list[tuple[str, str, list[Algorithm]]]:
+    """Every registered algorithm, built-in and plug-in, as (family, title, algorithms by name)
+    in the order of ``FAMILIES``, families without an algorithm left out: what ``ktl list
+    algorithms`` shows and docs/algorithms.md's table lists (scripts/algorithm_table.py)."""
     from fl_core.algorithms import FAMILIES, registered_algorithms
 
     algos = registered_algorithms()
-    for family, title in FAMILIES.items():
-        members = [a for a in algos.values() if a.family == family]
-        if not members:
-            continue
+    groups = [
+        (family, title, [a for a in algos.values() if a.family == family])
+        for family, title in FAMILIES.items()
+    ]
+    return [group for group in groups if group[2]]
+
+
+@list_app.command("algorithms")
+def list_algorithms_cmd() -> None:
+    """Registered FL algorithms, by family."""
+    for family, title, members in algorithms_by_family():
         table = Table(title=f"{title} ({family})", title_justify="left")
         table.add_column("name", style="bold")
         table.add_column("hetero models")
