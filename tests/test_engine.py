@@ -266,6 +266,50 @@ def test_process_executor_matches_sequential():
     assert seq.history[-1].bytes_up == par.history[-1].bytes_up
 
 
+@pytest.mark.parametrize("executor", ["sequential", "process"])
+def test_executors_draw_tasks_only_as_workers_free(executor):
+    """A round's tasks are built lazily: the executor holds at most its in-flight bound of
+    them (and so of the clients' states) at once, and the round's replies come back in task
+    order whatever order the workers finish in."""
+    from fl_core.engine.executors import IN_FLIGHT_PER_WORKER
+
+    cfg = synthetic_config(
+        **{
+            "data.num_clients": 12,
+            "federation.executor": executor,
+            "federation.workers": 2,
+        }
+    )
+    fed = Federation(build_config(cfg))
+    try:
+        bound = 1 if executor == "sequential" else 2 * IN_FLIGHT_PER_WORKER
+        drawn, most_ahead, seen = 0, 0, []
+        real_get = fed.store.get
+
+        def counting_get(cid):
+            nonlocal drawn
+            drawn += 1
+            return real_get(cid)
+
+        fed.store.get = counting_get
+        real_map = fed.executor.map
+
+        def watching_map(tasks):
+            nonlocal most_ahead
+            for res in real_map(tasks):
+                seen.append(res.client_id)
+                most_ahead = max(most_ahead, drawn - (len(seen) - 1))
+                yield res
+
+        fed.executor.map = watching_map
+        fed.train_round(1)
+        assert sorted(seen) == list(range(12)) and drawn == 12
+        assert most_ahead <= bound  # never every client's state at once
+        assert list(fed._pending_replies) == list(range(12))  # task order
+    finally:
+        fed.close()
+
+
 def test_cli_partition_writes_manifest_matching_the_table(tmp_path):
     from ktl.cli import app
 

@@ -20,7 +20,7 @@ across rounds keeps it as a persistent tensor-dict part.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -328,6 +328,11 @@ class Server:
     a client receives the union, and a key in both is an error. Then ``aggregate`` gets the
     replies. Evaluation asks ``evaluation_broadcast`` / ``configure_evaluation``, which default
     to the training ones.
+
+    ``configure`` may return any mapping: the engine reads a client's entry (``.get``) only
+    when it builds that client's task, which it does when a worker is free, so a server holding
+    per-client models in a spill-to-disk store can load each one on demand instead of holding
+    every client's message at once.
     """
 
     def __init__(self, ctx: ServerContext, hparams: HParams) -> None:
@@ -337,13 +342,13 @@ class Server:
     def broadcast(self, round: int) -> Message:
         return {}
 
-    def configure(self, round: int, client_ids: list[int]) -> dict[int, Message]:
+    def configure(self, round: int, client_ids: list[int]) -> Mapping[int, Message]:
         return {}
 
     def evaluation_broadcast(self, round: int) -> Message:
         return self.broadcast(round)
 
-    def configure_evaluation(self, round: int, client_ids: list[int]) -> dict[int, Message]:
+    def configure_evaluation(self, round: int, client_ids: list[int]) -> Mapping[int, Message]:
         return self.configure(round, client_ids)
 
     def aggregate(self, round: int, replies: dict[int, Reply]) -> None:

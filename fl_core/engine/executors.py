@@ -4,6 +4,12 @@ Each round the engine *publishes* the server's broadcast (the part of the messag
 same for every client) once, then maps tasks that carry only their key. The sequential executor
 hands the broadcast to the runtime directly; the process executor writes it to one file that
 each worker reads once per round, however many of the round's tasks it runs.
+
+``map`` takes an iterable of tasks and yields their results, in any order (the federation puts
+them back in task order, so sums over clients do not depend on the executor). The in-process
+executors draw a task from the iterable only when a worker can take it (at most
+``IN_FLIGHT_PER_WORKER`` per worker), so a lazily built task list holds only that many clients'
+states in memory at once, whatever the number of clients.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import queue
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -25,9 +33,13 @@ from .runtime import ClientRuntime, Task, TaskResult
 class Executor(Protocol):
     def publish(self, message: Message) -> str: ...
 
-    def map(self, tasks: list[Task]) -> list[TaskResult]: ...
+    def map(self, tasks: Iterable[Task]) -> Iterable[TaskResult]: ...
 
     def close(self) -> None: ...
+
+
+IN_FLIGHT_PER_WORKER = 2
+"""Tasks handed to a worker process ahead of time: one running, one queued."""
 
 
 class SequentialExecutor:
@@ -44,8 +56,9 @@ class SequentialExecutor:
         self.runtime.broadcasts = {key: message}
         return key
 
-    def map(self, tasks: list[Task]) -> list[TaskResult]:
-        return [self.runtime.run_task(t) for t in tasks]
+    def map(self, tasks: Iterable[Task]) -> Iterator[TaskResult]:
+        for task in tasks:
+            yield self.runtime.run_task(task)
 
     def close(self) -> None:
         return None
@@ -95,6 +108,7 @@ class ProcessExecutor:
             processes=workers, initializer=_init_worker, initargs=(threads_per_worker,)
         )
         self.workers = workers
+        self.in_flight = workers * IN_FLIGHT_PER_WORKER
         self._keys = itertools.count()
         self._published: Path | None = None
 
@@ -112,12 +126,32 @@ class ProcessExecutor:
         self._published = path
         return key
 
-    def map(self, tasks: list[Task]) -> list[TaskResult]:
-        if not tasks:
-            return []
-        # contiguous chunks keep per-task overhead low while balancing the workers
-        chunk = max(1, len(tasks) // (self.workers * 4))
-        return self.pool.map(_run_in_child, tasks, chunksize=chunk)
+    def map(self, tasks: Iterable[Task]) -> Iterator[TaskResult]:
+        # Tasks are drawn (and so built, with their clients' states) in this thread, one each
+        # time the caller has taken a result: at most in_flight exist at once, and no worker
+        # waits for a slow task ahead of it. Results come in the order they finish.
+        source = iter(tasks)
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+
+        def submit(task: Task) -> None:
+            self.pool.apply_async(
+                _run_in_child, (task,), callback=finished.put, error_callback=finished.put
+            )
+
+        running = 0
+        for task in itertools.islice(source, self.in_flight):
+            submit(task)
+            running += 1
+        while running:
+            result = finished.get()
+            running -= 1
+            if isinstance(result, BaseException):
+                raise result
+            yield result  # the caller stores it before the next task is drawn
+            task = next(source, None)
+            if task is not None:
+                submit(task)
+                running += 1
 
     def close(self) -> None:
         self.pool.terminate()

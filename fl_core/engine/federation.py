@@ -129,19 +129,23 @@ class Federation:
         broadcast = self.server.broadcast(round)
         messages = self.server.configure(round, selected)
         key = self.executor.publish(broadcast)
-        down = sum(
-            tensor_nbytes(broadcast) + tensor_nbytes(messages.get(cid, {})) for cid in selected
-        )
-        tasks = [
-            Task("fit", cid, round, messages.get(cid, {}), key, self.store.get(cid))
-            for cid in selected
-        ]
+        down = 0
+
+        def tasks():  # built lazily: a task (its message, its client's state) when a worker frees
+            nonlocal down
+            for cid in selected:
+                message = messages.get(cid, {})
+                down += tensor_nbytes(broadcast) + tensor_nbytes(message)
+                yield Task("fit", cid, round, message, key, self.store.get(cid))
+
         replies: dict[int, Reply] = {}
         up = 0
-        for res in self.executor.map(tasks):
+        for res in self.executor.map(tasks()):
             self.store.put(res.client_id, res.state or {})
             up += tensor_nbytes(res.message)
             replies[res.client_id] = Reply(res.message, res.num_samples, res.metrics)
+        # task order, whatever order the executor finished them in
+        replies = {cid: replies[cid] for cid in selected if cid in replies}
         self._pending_replies = replies
         return up, down
 
@@ -155,7 +159,7 @@ class Federation:
         broadcast = self.server.evaluation_broadcast(round)
         messages = self.server.configure_evaluation(round, client_ids)
         key = self.executor.publish(broadcast)
-        tasks = [
+        tasks = (
             Task(
                 "eval",
                 cid,
@@ -167,8 +171,9 @@ class Federation:
                 train_loss=self.config.federation.eval_train_loss,
             )
             for cid in client_ids
-        ]
-        reports = [EvalReport(**res.report) for res in self.executor.map(tasks)]
+        )
+        by_client = {res.client_id: res.report for res in self.executor.map(tasks)}
+        reports = [EvalReport(**by_client[cid]) for cid in client_ids if cid in by_client]
         return summarize_clients(reports, self.dataset.num_classes)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -89,7 +89,9 @@ class GridExecutor:
         self._broadcast = message
         return "flower" if message else ""
 
-    def map(self, tasks: list[Task]) -> list[TaskResult]:
+    def map(self, tasks: Iterable[Task]) -> list[TaskResult]:
+        # one Flower message per task, all sent at once: every task is built here
+        tasks = list(tasks)
         if not tasks:
             return []
         if not self._discovered:
