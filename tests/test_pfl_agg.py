@@ -116,7 +116,44 @@ def test_fedamp_cloud_model_is_the_attention_weighted_mix_of_every_stored_model(
     together = server.cloud_models([0, 1, 2, 3])
     server.store.memory_budget = 1
     blocked = server.cloud_models([0, 1, 2, 3])
-    assert all(torch.equal(together[i], blocked[i]) for i in together)
+    assert all(torch.allclose(together[i], blocked[i], rtol=0, atol=1e-7) for i in together)
+    fed.close()
+
+
+def test_fedamp_distances_by_matrix_products_equal_the_pairwise_ones(monkeypatch):
+    from fl_core.algorithms import fedamp
+
+    fed = federation("fedamp", alpha_k=0.05, sigma=2.0)
+    server = fed.server
+    g = torch.Generator().manual_seed(3)
+    for cid in (0, 2, 3):  # client 1 never uploads: it counts with the initial model
+        noisy = {
+            k: v + 3.0 + 0.002 * torch.randn(v.shape, generator=g)
+            for k, v in server.store.default.items()
+        }  # far from 0: the cancellation a Gram risks
+        server.store.put(cid, noisy)
+    vec = {j: server._vector(server.store.get(j)).double() for j in range(4)}
+    brute = torch.tensor(
+        [[float(((vec[i] - vec[j]) ** 2).sum()) for j in range(4)] for i in range(4)],
+        dtype=torch.float64,
+    )
+    assert float(brute[0, 2]) > 0.1 and float(brute[0, 1]) > 1e4
+    assert torch.allclose(server.distances([0, 1, 2, 3]), brute, rtol=1e-9, atol=1e-7)
+    # and in single-client groups, with the store on disk and the vectors cut in many slices
+    server_models = {cid: dict(server.store.get(cid)) for cid in (0, 2, 3)}
+    server.store.memory_budget = 1
+    for cid, state in server_models.items():
+        server.store.put(cid, state)
+    assert server.store.spills > 0
+    monkeypatch.setattr(fedamp, "_SLICE_BYTES", 8 * 4096)
+    assert torch.allclose(server.distances([3, 0]), brute[[3, 0]], rtol=1e-9, atol=1e-7)
+    for i, got in server.cloud_models([0, 2, 3]).items():
+        xi = torch.tensor(
+            [0.0 if j == i else 0.05 * math.exp(-float(brute[i, j]) / 2) / 2 for j in range(4)],
+            dtype=torch.float64,
+        )
+        expected = (1 - xi.sum()) * vec[i] + sum(xi[j] * vec[j] for j in range(4))
+        assert torch.allclose(got.double(), expected, rtol=0, atol=1e-6)
     fed.close()
 
 

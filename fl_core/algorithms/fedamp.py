@@ -9,7 +9,10 @@ on CE + λ/(2α_K)·‖w − u_i‖² and uploads it; it is evaluated with that 
 What travels, per selected client and round: down, u_i (the model's parameters); up, the whole
 model. Every client's model is kept on the server in a `ModelStore` (memory up to the
 federation's ``state_memory_mb``, then disk), and the cloud models are computed in blocks of
-selected clients that fit that budget, each with two streaming passes over the store.
+selected clients that fit that budget, each with two passes over the store in groups of as many
+models: the squared distances as ‖a‖² + ‖b‖² − 2⟨a, b⟩ by matrix products (float64, on bounded
+slices of the flat parameter vectors), then the mix as one more product. With 100 clients of
+cnn4 (582k parameters) this takes about 2 s per round instead of 6-7 s pair by pair.
 
 Differences from PFLlib's FedAMP:
 
@@ -31,6 +34,8 @@ Differences from PFLlib's FedAMP:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -41,6 +46,9 @@ from .common import OwnModelEvaluation, shared_model_state
 from .fedprox import add_proximal_gradient
 from .parts import Part, select_state
 from .registry import register_algorithm
+
+# float64 slices of the parameter vectors used by one distance product (bounded scratch memory)
+_SLICE_BYTES = 64 * 2**20
 
 
 class FedAMPHParams(HParams):
@@ -91,42 +99,85 @@ class FedAMPServer(OwnModelEvaluation):
         initial = shared_model_state(ctx, ("model",))  # one architecture: refuses a mixed group
         model = ctx.build_model(ctx.distinct_architectures[0])
         self.param_shapes = {f"model/{n}": p.shape for n, p in model.named_parameters()}
+        self.vector_size = sum(shape.numel() for shape in self.param_shapes.values())
         budget = int(ctx.settings.state_memory_mb * 2**20)
         self.store = ModelStore(budget, initial)
 
     def _vector(self, state: dict[str, Tensor]) -> Tensor:
         return torch.cat([state[k].reshape(-1).float() for k in self.param_shapes])
 
+    def _groups(self, size: int) -> Iterator[tuple[slice, Tensor]]:
+        """Every client's stored model, ``size`` clients at a time: (their ids as a slice, their
+        models as the rows of one float32 matrix)."""
+        n = self.ctx.num_clients
+        for start in range(0, n, size):
+            ids = list(range(start, min(start + size, n)))
+            rows = torch.empty(len(ids), self.vector_size)
+            for row, (_, state) in zip(rows, self.store.items(ids), strict=True):
+                torch.cat([state[k].reshape(-1).float() for k in self.param_shapes], out=row)
+            yield slice(ids[0], ids[-1] + 1), rows
+
+    def _block_size(self) -> int:
+        """How many clients' vectors fit the memory budget (selected clients per block, stored
+        models per group)."""
+        return max(1, int(self.store.memory_budget // (4 * self.vector_size)))
+
+    def _slices(self, rows: int) -> Iterator[slice]:
+        """The parameter vector cut so that ``rows`` float64 rows of one slice stay small."""
+        width = max(1, _SLICE_BYTES // (8 * rows))
+        for start in range(0, self.vector_size, width):
+            yield slice(start, start + width)
+
+    def distances(self, client_ids: list[int]) -> Tensor:
+        """‖w_i − w_j‖² for each of ``client_ids`` (rows) and every client j (columns), float64."""
+        own = [self._vector(self.store.get(i)) for i in client_ids]
+        return self._distances(own, self._block_size())
+
+    def _distances(self, own: list[Tensor], group_size: int) -> Tensor:
+        # ‖a‖² + ‖b‖² − 2⟨a, b⟩ by matrix products, in float64 on slices of the vectors, centred
+        # on the first vector: distances do not change under a shift, and small norms keep the
+        # subtraction accurate
+        out = torch.zeros(len(own), self.ctx.num_clients, dtype=torch.float64)
+        for cols, group in self._groups(group_size):
+            block = out[:, cols]
+            for part in self._slices(len(own) + group.shape[0]):
+                centre = own[0][part].double()
+                a = torch.stack([v[part] for v in own]).double().sub_(centre)
+                b = group[:, part].double().sub_(centre)
+                block += a.square().sum(1, keepdim=True) + b.square().sum(1)
+                block.addmm_(a, b.T, alpha=-2.0)
+        return out.clamp_(min=0.0)
+
     def cloud_models(self, client_ids: list[int]) -> dict[int, Tensor]:
         """u_i as one flat parameter vector per client. Clients are taken in blocks whose own
-        vectors fit the memory budget; each block makes two passes over the stored models."""
-        vector_bytes = 4 * sum(shape.numel() for shape in self.param_shapes.values())
-        block = max(1, int(self.store.memory_budget // vector_bytes))
+        vectors fit the memory budget; each block makes two passes over the stored models, in
+        groups of the same size: one for the distances, one for the mix."""
+        block = self._block_size()
         clouds: dict[int, Tensor] = {}
         for start in range(0, len(client_ids), block):
-            clouds.update(self._cloud_block(client_ids[start : start + block]))
+            clouds.update(self._cloud_block(client_ids[start : start + block], block))
         return clouds
 
-    def _cloud_block(self, client_ids: list[int]) -> dict[int, Tensor]:
+    def _cloud_block(self, client_ids: list[int], group_size: int) -> dict[int, Tensor]:
         hp = self.hp
-        everyone = list(range(self.ctx.num_clients))
-        own = {i: self._vector(self.store.get(i)) for i in client_ids}
-        xi = torch.zeros(len(client_ids), len(everyone), dtype=torch.float64)
-        for j, state in self.store.items(everyone):
-            w_j = self._vector(state)
-            for a, i in enumerate(client_ids):
-                if i != j:
-                    dist = torch.sum((own[i] - w_j) ** 2, dtype=torch.float64)
-                    xi[a, j] = hp.alpha_k * torch.exp(-dist / hp.sigma) / hp.sigma
+        own = [self._vector(self.store.get(i)) for i in client_ids]
+        xi = hp.alpha_k * torch.exp(-self._distances(own, group_size) / hp.sigma) / hp.sigma
+        xi[torch.arange(len(client_ids)), torch.tensor(client_ids)] = 0.0
         others = xi.sum(1, keepdim=True)
         xi = torch.where(others > 1.0, xi / others, xi)  # keep u_i a convex combination
-        clouds = {i: own[i] * float(1.0 - xi[a].sum()) for a, i in enumerate(client_ids)}
-        for j, state in self.store.items(everyone):
-            if bool((xi[:, j] != 0).any()):
-                w_j = self._vector(state)
-                for a, i in enumerate(client_ids):
-                    clouds[i].add_(w_j, alpha=float(xi[a, j]))
-        return clouds
+        # u_i = ξ_ii·w_i + Σ_j ξ_ij·w_j, built in place of w_i (one storage per client, so a
+        # message carries only its own cloud model)
+        clouds = [v.mul_(float(1.0 - xi[a].sum())) for a, v in enumerate(own)]
+        for cols, group in self._groups(group_size):
+            weights = xi[:, cols]
+            if not bool((weights != 0).any()):
+                continue
+            weights = weights.float()
+            for part in self._slices(len(own) + group.shape[0]):
+                mixed = weights @ group[:, part]
+                for cloud, row in zip(clouds, mixed, strict=True):
+                    cloud[part] += row
+        return dict(zip(client_ids, clouds, strict=True))
 
     def configure(self, round: int, client_ids: list[int]) -> dict[int, Message]:
         out: dict[int, Message] = {}
