@@ -144,7 +144,9 @@ class FedAMPServer(OwnModelEvaluation):
                 centre = own[0][part].double()
                 a = torch.stack([v[part] for v in own]).double().sub_(centre)
                 b = group[:, part].double().sub_(centre)
-                block += a.square().sum(1, keepdim=True) + b.square().sum(1)
+                norm_a = torch.linalg.vector_norm(a, dim=1).square_()
+                norm_b = torch.linalg.vector_norm(b, dim=1).square_()
+                block += norm_a.unsqueeze(1) + norm_b
                 block.addmm_(a, b.T, alpha=-2.0)
         return out.clamp_(min=0.0)
 
