@@ -53,3 +53,41 @@ def test_balanced_softmax_reduces_to_cross_entropy_with_equal_counts():
     counts = torch.tensor([1.0, 10.0, 100.0, 0.0])
     ref = F.cross_entropy(logits + torch.log(counts.clamp(min=torch.finfo(torch.float32).tiny)), y)
     assert float(balanced_softmax_loss(logits, y, counts)) == pytest.approx(float(ref), rel=1e-6)
+
+
+def brute_rbf(x, y, bandwidths):
+    """Autograd-capable brute force: explicit differences, one kernel matrix per bandwidth."""
+    z = torch.cat([x, y])
+    d2 = ((z[:, None] - z[None]) ** 2).sum(-1)
+    k = sum(torch.exp(-d2 / b) for b in bandwidths)
+    n = len(x)
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+
+def test_fixed_bandwidths_are_one_kernel_sum_with_the_brute_force_value_and_gradient():
+    g = torch.Generator().manual_seed(5)
+    bw = (20.0, 30.0, 40.0, 100.0)
+    x = (torch.randn(9, 6, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    y = (torch.randn(7, 6, generator=g, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    got = mmd(x, y, bandwidths=bw)
+    # the MMD is linear in the kernel: the sum of the single-bandwidth MMDs
+    singles = sum(mmd(x, y, kernel_num=1, bandwidth=b) for b in bw)
+    assert float(got.detach()) == pytest.approx(float(singles.detach()), rel=1e-12)
+    ref = brute_rbf(x, y, bw)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    gx, gy = torch.autograd.grad(got, (x, y))
+    rx, ry = torch.autograd.grad(ref, (x, y))
+    assert torch.allclose(gx, rx, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(gy, ry, rtol=1e-8, atol=1e-12)
+
+
+def test_mmd_stays_accurate_in_float32_far_from_the_origin():
+    # features offset by 100: computing |a|^2 + |b|^2 - 2<a, b> on uncentred float32 vectors
+    # (as torch.cdist does for 40 rows) is off by about 1e-3 here
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 64, generator=g) + 100.0
+    y = torch.randn(20, 64, generator=g) * 1.2 + 100.3
+    bw = [20.0, 30.0, 40.0, 100.0]
+    exact = float(mmd(x.double(), y.double(), bandwidths=bw))
+    assert float(mmd(x, y, bandwidths=bw)) == pytest.approx(exact, rel=1e-5)
+    assert float(mmd(x, y)) == pytest.approx(float(mmd(x.double(), y.double())), rel=1e-5)
