@@ -12,6 +12,7 @@ of each chosen class that are never among the shots.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -39,6 +40,19 @@ class TransferRow:
     best_acc: float
     final_acc: float
     seconds: float
+    config: str = ""  # digest of what the run computes (``transfer_digest``)
+
+
+# settings that change where a run executes, not what it computes
+_RUNTIME_FIELDS = ("seed", "device", "threads")
+
+
+def transfer_digest(config: RunConfig) -> str:
+    """A short digest of everything in ``config`` that the transfer runs compute from, except
+    the seed, mu and where they run: rows with the same digest belong to one table."""
+    body = transfer_config(config, 0.0).model_dump(mode="json", exclude=set(_RUNTIME_FIELDS))
+    text = json.dumps(body, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def few_shot_dataset(
@@ -124,15 +138,24 @@ def run_transfer(
     on_row: Callable[[TransferRow], None] | None = None,
 ) -> list[TransferRow]:
     """Every (shots, seed, mu in {0, configured mu}) run; rows already in ``rows_file`` are
-    kept and skipped, and the file is rewritten atomically after each new row."""
+    kept and skipped, and the file is rewritten atomically after each new row. A rows file
+    written with another configuration (a different digest) is refused rather than mixed in."""
     from fl_core.engine import run
 
     mu_on = float(config.algorithm_hparams().mu)
     if mu_on <= 0:
         raise ValueError("algorithm.mu must be > 0 for the transfer run (mu = 0 is the baseline)")
+    digest = transfer_digest(config)
     rows: list[TransferRow] = []
     if rows_file is not None and rows_file.exists():
         rows = [TransferRow(**r) for r in json.loads(rows_file.read_text())]
+        other = sorted({r.config or "(none)" for r in rows if r.config != digest})
+        if other:
+            raise ValueError(
+                f"{rows_file} holds runs of another configuration (digest {', '.join(other)}; "
+                f"this one is {digest}): write to another output folder, or remove that file "
+                "to start the table again"
+            )
     done = {(r.shots, r.seed, r.mu) for r in rows}
     for k in shots:
         for seed in seeds:
@@ -150,6 +173,7 @@ def run_transfer(
                     float(result.best_test_acc),
                     float(result.final_test_acc),
                     time.perf_counter() - t0,
+                    digest,
                 )
                 rows.append(row)
                 if rows_file is not None:

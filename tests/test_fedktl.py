@@ -232,6 +232,31 @@ def test_transfer_summary_gains():
     assert s["client_only_std"] == pytest.approx(100 * math.sqrt(0.005))
 
 
+def test_transfer_rows_of_another_configuration_are_refused_not_mixed(tmp_path):
+    """A resumed table only reuses rows of the same configuration: the digest ignores the seed
+    and where runs execute, and changes with anything they compute from."""
+    import json
+
+    from ktl.transfer import TransferRow, run_transfer, transfer_digest
+
+    cfg = _digits_config()
+    digest = transfer_digest(cfg)
+    same = cfg.model_copy(update={"seed": 5, "threads": 1})
+    assert transfer_digest(same) == digest
+    assert transfer_digest(_digits_config(max_client_latent=16)) != digest
+    rows_file = tmp_path / "rows.json"
+    rows_file.write_text(json.dumps([TransferRow(2, 0, 0.0, 0.5, 0.5, 1.0, "0123").__dict__]))
+    with pytest.raises(ValueError, match="another configuration"):
+        run_transfer(cfg, [2], [0], rows_file=rows_file)
+    # rows of this configuration are kept and not rerun
+    kept = [
+        TransferRow(2, 0, mu, 0.5, 0.5, 1.0, digest).__dict__
+        for mu in (0.0, cfg.algorithm_hparams().mu)
+    ]
+    rows_file.write_text(json.dumps(kept))
+    assert [r.__dict__ for r in run_transfer(cfg, [2], [0], rows_file=rows_file)] == kept
+
+
 def test_bad_shot_counts_are_refused():
     from fl_core.data import DataError
     from ktl.transfer import few_shot_dataset
