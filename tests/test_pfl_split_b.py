@@ -454,10 +454,11 @@ def test_gpfl_local_conditional_inputs_start_at_zero_and_lag_one_round():
 def test_gpfl_learns_on_digits():
     from fl_core.config import load_config
 
-    over = ["federation.executor=sequential", "federation.rounds=20", "federation.eval_every=10"]
-    result = run(load_config("configs/quick_digits.yaml", [*over, "algorithm.name=gpfl"]))
-    # when clients uploaded the body they had received (never trained), it stayed under 0.45
-    assert result.best_test_acc > 0.55
+    over = ["federation.executor=sequential", "federation.rounds=6", "federation.eval_every=6"]
+    over += ["federation.local_epochs=2", "federation.lr=0.1", "algorithm.name=gpfl"]
+    result = run(load_config("configs/quick_digits.yaml", over))
+    # 0.88; when clients uploaded the body they had received (never trained) it stayed near 0.37
+    assert result.best_test_acc > 0.7
 
 
 @pytest.mark.parametrize("algorithm", ["feddbe", "fedcac", "pflda", "fedas"])

@@ -84,6 +84,16 @@ class ConditionalValve(nn.Module):
     def forward(self, features: Tensor, condition: Tensor) -> Tensor:
         return torch.relu(features * (1 + self.gamma(condition)) + self.beta(condition))
 
+    def pair(self, features: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+        """(CoV(features, first), CoV(features, second)) with γ and β run once on both
+        conditions stacked: one matrix product per layer, forward and backward, instead of two."""
+        conditions = torch.stack([first, second])
+        gamma, beta = 1 + self.gamma(conditions), self.beta(conditions)
+        return (
+            torch.relu(features * gamma[0] + beta[0]),
+            torch.relu(features * gamma[1] + beta[1]),
+        )
+
 
 def angle_loss(features: Tensor, labels: Tensor, embeddings: Tensor) -> Tensor:
     """Cross-entropy of the cosine similarities between features and class embeddings."""
@@ -136,8 +146,7 @@ class GpflClient(Client):
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         features = model.body(x)
-        personal = self.cov(features, self._p)
-        generic = self.cov(features, self._g)
+        personal, generic = self.cov.pair(features, self._p, self._g)
         loss = nn.functional.cross_entropy(model.head(personal), y)
         loss = loss + angle_loss(generic, y, self.gce.weight)
         if self.hp.lam > 0:
