@@ -117,6 +117,21 @@ def test_fedamp_cloud_model_is_the_attention_weighted_mix_of_every_stored_model(
     server.store.memory_budget = 1
     blocked = server.cloud_models([0, 1, 2, 3])
     assert all(torch.allclose(together[i], blocked[i], rtol=0, atol=1e-7) for i in together)
+    # configure computes the messages lazily, one block at a time, with the same values
+    calls = []
+    real_block = server._cloud_block
+    server._cloud_block = lambda ids, size: calls.append(list(ids)) or real_block(ids, size)
+    messages = server.configure(2, [0, 1, 2, 3])
+    assert calls == [] and len(messages) == 4
+    first = messages.get(0)
+    assert calls == [[0]]  # one client per block under this budget: only its own computed
+    for i in (1, 2, 3):
+        msg = messages.get(i)
+        flat = torch.cat(
+            [msg["cloud/" + k.removeprefix("model/")].reshape(-1) for k in server.param_shapes]
+        )
+        assert torch.equal(flat, blocked[i])
+    assert calls == [[0], [1], [2], [3]] and first.keys() == msg.keys()
     fed.close()
 
 

@@ -34,7 +34,7 @@ Differences from PFLlib's FedAMP:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from pydantic import Field
@@ -181,16 +181,19 @@ class FedAMPServer(OwnModelEvaluation):
                     cloud[part] += row
         return dict(zip(client_ids, clouds, strict=True))
 
-    def configure(self, round: int, client_ids: list[int]) -> dict[int, Message]:
-        out: dict[int, Message] = {}
-        for cid, vec in self.cloud_models(client_ids).items():
-            msg, start = {}, 0
-            for key, shape in self.param_shapes.items():
-                n = shape.numel()
-                msg["cloud/" + key.removeprefix("model/")] = vec[start : start + n].view(shape)
-                start += n
-            out[cid] = msg
-        return out
+    def configure(self, round: int, client_ids: list[int]) -> Mapping[int, Message]:
+        # computed block by block as the engine builds the clients' tasks, so only one block of
+        # cloud models (and the tasks in flight) is in memory at once
+        return _CloudMessages(self, client_ids)
+
+    def message(self, vec: Tensor) -> Message:
+        """A flat cloud model as the message ``cloud/<parameter>`` (views of ``vec``)."""
+        msg, start = {}, 0
+        for key, shape in self.param_shapes.items():
+            n = shape.numel()
+            msg["cloud/" + key.removeprefix("model/")] = vec[start : start + n].view(shape)
+            start += n
+        return msg
 
     def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
         for cid, reply in replies.items():
@@ -201,6 +204,34 @@ class FedAMPServer(OwnModelEvaluation):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.store.load_state_dict(state, "models/")
+
+
+class _CloudMessages(Mapping[int, Message]):
+    """The round's cloud-model messages, computed a block of clients at a time on first access
+    (the same blocks, so the same values, as :meth:`FedAMPServer.cloud_models`); a block is
+    dropped when the next is computed, and a message is handed out once."""
+
+    def __init__(self, server: FedAMPServer, client_ids: list[int]) -> None:
+        self.server = server
+        self.ids = list(client_ids)
+        self.block = server._block_size()
+        self._ready: dict[int, Message] = {}
+
+    def __getitem__(self, cid: int) -> Message:
+        if cid not in self._ready:
+            if cid not in self.ids:
+                raise KeyError(cid)
+            start = self.ids.index(cid) // self.block * self.block
+            ids = self.ids[start : start + self.block]
+            clouds = self.server._cloud_block(ids, self.block)
+            self._ready = {c: self.server.message(v) for c, v in clouds.items()}
+        return self._ready.pop(cid)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 register_algorithm(
