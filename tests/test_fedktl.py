@@ -282,3 +282,62 @@ def test_centroids_are_rescaled_to_the_prior_norm():
     norms = centroids.detach().norm(dim=1)
     assert torch.allclose(norms, norms.mean().expand(k), rtol=1e-5)
     assert abs(float(norms.mean()) - 5.0 * math.sqrt(latent)) < 0.15 * 5.0 * math.sqrt(latent)
+
+
+def _held_out_r2(images: torch.Tensor, targets: torch.Tensor, train: int) -> tuple[float, float]:
+    """R² on the training pairs and on held-out pairs of a cnn4 body + linear head trained to
+    regress ``targets`` from ``images`` (as a FedKTL client's projection task does)."""
+    from fl_core.models.registry import build_model
+
+    torch.manual_seed(0)
+    body = build_model("cnn4", tuple(images.shape[1:]), 10)
+    head = torch.nn.Linear(body.feature_dim, targets.shape[1])
+    opt = torch.optim.Adam([*body.parameters(), *head.parameters()], 1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, train, (20,), generator=g)
+        loss = torch.nn.functional.mse_loss(head(body.body(images[idx])), targets[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mean = targets[:train].mean(0)
+
+    def r2(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(1 - ((head(body.body(x)) - y) ** 2).sum() / ((y - mean) ** 2).sum())
+
+    return r2(images[:train], targets[:train]), r2(images[train:], targets[train:])
+
+
+def test_why_transfer_from_the_builtin_generator_does_not_beat_mu_zero():
+    """The issue asks for a tiny federation in which FedKTL beats its own run with the transfer
+    task off (mu = 0), or for the reason it does not. With the builtin generator it does not:
+    ``benchmarks/results/fedktl.md`` (one edge client, Animal-MNIST, 3 seeds) shows no gain
+    beyond seed noise with the clients regressing the noise pooled to 4x4, and a loss of 17-20
+    points at 9 shots regressing all 784 values (the reference's setting).
+
+    The reason, asserted here: the transfer task asks a client to predict, from a generated
+    image, the latent that generated it. For the builtin DDIM model that latent is the initial
+    noise x_T, and it is not predictable from the image: a client-sized model fits its training
+    pairs (R² near 1) and predicts held-out pairs worse than their mean (R² <= 0), whether it
+    regresses all 784 values or the 4x4-pooled noise. Regressing x_T is memorisation, so it
+    carries no knowledge to the body, and with the full latent its gradient competes with the
+    classification loss. The same model and budget do learn a target that is a smooth function
+    of the image (held-out R² > 0.5): it is the latent, not the task, that fails. FedKTL's
+    results use StyleGAN, whose W latent is recoverable from the image (trained encoders invert
+    it), which is what the transfer needs.
+    """
+    from generators import load_generator
+
+    gen = load_generator("builtin", num_inference_steps=10)
+    z = gen.sample_latents(120, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = torch.cat([gen.synthesize(z[i : i + 60]) for i in (0, 60)])
+    images = (images - 0.5) / 0.5
+    pooled_noise = torch.nn.functional.adaptive_avg_pool2d(z, 4).reshape(120, -1)
+    for targets in (z.reshape(120, -1), pooled_noise):
+        fit, held_out = _held_out_r2(images, targets, train=100)
+        assert fit > 0.9 and held_out < 0.1, (fit, held_out)
+    smooth = torch.nn.functional.adaptive_avg_pool2d(images, 4).reshape(120, -1)
+    fit, held_out = _held_out_r2(images, smooth, train=100)
+    assert fit > 0.9 and held_out > 0.5, (fit, held_out)
