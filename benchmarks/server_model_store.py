@@ -160,15 +160,17 @@ def table(rows: list[dict], clients: int, rounds: int, join: float) -> str:
         "few models in memory and reads the others from disk when it needs them. The rows over "
         "FedAvg also count the engine's client state store (each FedFomo and FedAMP client "
         "keeps its model, each APPLE client its personalized model), which the same budget "
-        "bounds. What the budget cannot "
-        "bound: FedAMP's server holds one cloud model per selected client (the round's "
-        "messages) plus the selected clients' own vectors in blocks that fit the budget; "
-        "FedFomo's, the distinct models it sends in a round (up to M = 5 per selected client); "
-        "APPLE's broadcast is every client's core model (the paper's full download), so its "
-        "server materialises all of them once per round whatever the budget. In round 1 every "
-        "client trains, and the engine itself holds every selected client's stored state, "
-        "message and reply at once (it builds all tasks of a round before running them), so "
-        "that peak grows with the clients of a round for every algorithm.",
+        "bounds. The engine builds a round's tasks as workers free (a client's stored state "
+        "and message are loaded when its task starts, at most two per worker in flight), and "
+        "FedAMP computes its cloud models (the messages) one budget-sized block at a time as "
+        "the tasks are built. What the budget cannot bound: the round's replies, which the "
+        "server aggregates together (one uploaded model per selected client, FedAvg's round-1 "
+        "peak over its steady state); FedFomo's distinct models sent in a round (up to M = 5 "
+        "per selected client); APPLE's broadcast, every client's core model (the paper's full "
+        "download), which its server materialises once per round whatever the budget. "
+        "FedAMP's server computes its distances and mixes by matrix products over groups of "
+        "stored models sized by the budget: at 2048 MB all of them form one float32 matrix "
+        "beside the store (its steady peak at that budget), at 16 MB groups of seven.",
         "",
     ]
     return "\n".join(lines)
