@@ -3,8 +3,8 @@
 For each algorithm on a tiny federation: two runs with one seed are equal; the process executor
 gives the sequential executor's results; forcing every client state to spill to disk changes
 nothing; the engine's byte counts equal the sizes of the messages clients actually received and
-sent; a run interrupted after a checkpoint and resumed ends with exactly the uninterrupted
-run's metrics. Algorithms that declare themselves heterogeneous-capable go through the same
+sent; a client's upload is not an echo of what it received; a run interrupted after a
+checkpoint and resumed ends with exactly the uninterrupted run's metrics. Algorithms that declare themselves heterogeneous-capable go through the same
 checks on a mixed-architecture group; the others must refuse that group before training.
 """
 
@@ -143,6 +143,37 @@ def test_byte_counts_equal_the_messages_sent(algorithm, model):
             assert len(received) == len(fed.select(rnd))
     finally:
         fed.close()
+
+
+@pytest.mark.parametrize("algorithm, model", CASES)
+def test_an_upload_is_what_the_client_trained_not_what_it_received(algorithm, model):
+    """Where a client uploads tensors under the names it received them by (a model part it
+    trains and sends back), the upload differs from what it received: it carries the round's
+    training. An upload built before training passes every other check here."""
+    import torch
+
+    fed = Federation(build_config(tiny_config(algorithm, model)))
+    runtime = fed.runtime
+    echoed: list[tuple[int, list[str]]] = []
+    real = runtime.run_task
+
+    def recording(task):
+        got = {**runtime.broadcast(task.broadcast), **task.message}
+        result = real(task)
+        # floating-point tensors only: integer ones are ids and counts, not trained values
+        same = [k for k in result.message if k in got and result.message[k].is_floating_point()]
+        if same and all(torch.equal(result.message[k], got[k]) for k in same):
+            echoed.append((task.client_id, same))
+        return result
+
+    runtime.run_task = recording
+    try:
+        for rnd in (1, 2):
+            fed.train_round(rnd)
+            fed.aggregate(rnd)
+    finally:
+        fed.close()
+    assert not echoed, f"uploaded exactly what was received: {echoed[:2]}"
 
 
 class _Interrupt(Exception):
