@@ -42,8 +42,10 @@ from ktl.synthesize.accountant import (  # noqa: E402
 from ktl.synthesize.mechanisms import (  # noqa: E402
     exponential_mechanism,
     exponential_probabilities,
+    kmeans,
     pcevolve_utility,
     pe_histogram,
+    spread_over_members,
 )
 from ktl.synthesize.private import animal_split, load_dataset_split  # noqa: E402
 
@@ -188,6 +190,24 @@ def test_pe_vote_vector_of_one_private_image_has_norm_one() -> None:
         assert with_all.sum() == pytest.approx(8 * k / math.sqrt(k))
 
 
+def test_pe_cluster_votes_keep_sensitivity_one_and_reach_members() -> None:
+    rng = torch.Generator().manual_seed(0)
+    candidates, private = torch.randn(40, 5, generator=rng), torch.randn(8, 5, generator=rng)
+    centroids = kmeans(candidates, 7, seed=3)
+    assert centroids.shape == (7, 5)
+    assert torch.equal(centroids, kmeans(candidates, 7, seed=3))  # a function of the public side
+    with_all = pe_histogram(centroids, private, 1)
+    without_one = pe_histogram(centroids, private[1:], 1)
+    assert np.linalg.norm(with_all - without_one) == pytest.approx(1.0)
+    assign = torch.cdist(candidates.double(), centroids).argmin(1).numpy()
+    cluster_counts = np.zeros(7, dtype=np.int64)
+    cluster_counts[assign[0]] = 5
+    counts = spread_over_members(cluster_counts, assign, np.random.default_rng(0))
+    members = np.flatnonzero(assign == assign[0])
+    assert counts.sum() == 5 and set(np.flatnonzero(counts)) <= set(members)
+    assert (counts > 0).sum() == min(5, len(members))  # distinct members first
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -260,6 +280,17 @@ def test_run_is_deterministic_and_spends_the_budget(gen, private_dir, mechanism)
     assert a.plan.epsilon_spent == pytest.approx(4.0, rel=1e-6)
     assert [h["iteration"] for h in a.history] == [1, 2]
     assert a.history[-1]["epsilon_spent"] == pytest.approx(4.0, rel=1e-6)
+
+
+def test_pe_with_cluster_votes_runs_within_budget(gen, private_dir) -> None:
+    mech = {"name": "pe", "population": 6, "select": 3, "cluster_size": 2}
+    cfg = build_config(_config(private_dir, mechanism=mech))
+    a = synthesize(cfg, generator=gen)
+    assert torch.equal(a.images, synthesize(cfg, generator=gen).images)
+    assert a.labels.tolist() == [0] * 4 + [1] * 4
+    assert a.plan.epsilon_spent == pytest.approx(4.0, rel=1e-6)
+    assert a.history[0]["classes"][0]["clusters"] == 6  # round 1: 2 classes x 6 shared, / 2
+    assert a.history[1]["classes"][0]["clusters"] == 3
 
 
 def test_export_is_read_by_imagefolder_with_checksums(gen, private_dir, tmp_path) -> None:

@@ -62,6 +62,12 @@ class MechanismSection(_Strict):
         None, ge=0, description="pe: histogram threshold H (default: the noise multiplier)"
     )
     lookahead: int = Field(0, ge=0, description="pe: embed a candidate as the mean of k variations")
+    cluster_size: int = Field(
+        0,
+        ge=0,
+        description="pe: vote for k-means clusters of about this many candidates instead of "
+        "single candidates (0: single candidates)",
+    )
     noise_multiplier: float | None = Field(
         None, description="pe: fix sigma (checked against the budget)"
     )

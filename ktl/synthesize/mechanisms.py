@@ -9,7 +9,10 @@ private side; the next generation is drawn from them.
   and a calibrated similarity ``exp(tau * score)``; the exponential mechanism draws from it.
 * :func:`pe_histogram` + :func:`pe_select` (Private Evolution): each private image votes for
   its nearest candidates (a vote vector of L2 norm 1), Gaussian noise is added, the histogram is
-  thresholded, and candidates are drawn in proportion to what is left.
+  thresholded, and candidates are drawn in proportion to what is left. With
+  :func:`kmeans`, the votes go to clusters of candidates instead (the clustering sees only the
+  public candidates) and :func:`spread_over_members` turns the cluster counts into candidate
+  counts.
 """
 
 from __future__ import annotations
@@ -118,3 +121,40 @@ def pe_select(
     p = clipped / total if total > 0 else np.full(len(clipped), 1.0 / len(clipped))
     picks = rng.choice(len(p), size=draws, replace=True, p=p)
     return np.bincount(picks, minlength=len(p)), noisy
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int = 0, steps: int = 25) -> torch.Tensor:
+    """Deterministic k-means (Lloyd, random distinct points as the start) of (N, D) points into
+    ``min(k, N)`` clusters; returns the (k, D) centroids. An empty cluster keeps its centroid."""
+    x = points.double()
+    k = max(1, min(k, x.shape[0]))
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+    for _ in range(steps):
+        assign = torch.cdist(x, centroids).argmin(1)
+        moved = centroids.clone()
+        for j in range(k):
+            members = assign == j
+            if members.any():
+                moved[j] = x[members].mean(0)
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    return centroids
+
+
+def spread_over_members(
+    cluster_counts: np.ndarray, assign: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Candidate counts from cluster counts: each draw of a cluster goes to one of its members,
+    chosen uniformly (distinct members first while a cluster has unchosen ones)."""
+    counts = np.zeros(len(assign), dtype=np.int64)
+    for j in np.flatnonzero(cluster_counts):
+        members = np.flatnonzero(assign == j)
+        if len(members) == 0:
+            continue
+        n = int(cluster_counts[j])
+        order = rng.permutation(members)
+        picks = np.concatenate([order] * (n // len(order)) + [order[: n % len(order)]])
+        np.add.at(counts, picks, 1)
+    return counts

@@ -18,9 +18,11 @@ from ktl.synthesize.export import to_uint8, write_dataset
 from ktl.synthesize.mechanisms import (
     class_centres,
     exponential_mechanism,
+    kmeans,
     pcevolve_utility,
     pe_histogram,
     pe_select,
+    spread_over_members,
 )
 from ktl.synthesize.private import (
     LabelledImages,
@@ -203,9 +205,22 @@ class Synthesizer:
                 views.append(self.embedding(v.images))
             emb = torch.stack(views).mean(0)
         own = self.private_embeddings[self.private.labels == c]
-        histogram = pe_histogram(emb, own, m.nearest)
         sigma = self.plan.noise_multiplier
         threshold = sigma if m.threshold is None else m.threshold
+        if m.cluster_size > 0:
+            # the clusters are a function of the public candidates only; each private image
+            # still votes with one L2-norm-1 vector, now over the clusters
+            k = max(1, round(emb.shape[0] / m.cluster_size))
+            centroids = kmeans(emb, k, seed=self.config.seed)
+            assign = torch.cdist(emb.double(), centroids).argmin(1).numpy()
+            histogram = pe_histogram(centroids, own, m.nearest)
+            cluster_counts, noisy = pe_select(histogram, sigma, threshold, m.select, self.rng)
+            counts = spread_over_members(cluster_counts, assign, self.rng)
+            return counts, {
+                "clusters": int(centroids.shape[0]),
+                "noisy_votes_above_threshold": int((noisy > threshold).sum()),
+            }
+        histogram = pe_histogram(emb, own, m.nearest)
         counts, noisy = pe_select(histogram, sigma, threshold, m.select, self.rng)
         return counts, {"noisy_votes_above_threshold": int((noisy > threshold).sum())}
 
