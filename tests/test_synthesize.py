@@ -492,6 +492,10 @@ def test_ready_config_loads_and_plans_within_budget() -> None:
     assert plan.epsilon_spent == pytest.approx(2.0) and plan.noise_multiplier > 0
     cfg = load_config(ROOT / "configs" / "synthesize_animal.yaml", ["privacy.epsilon=inf"])
     assert math.isinf(cfg.privacy.epsilon)
+    cfg = load_config(ROOT / "configs" / "synthesize_animal_pe.yaml")
+    plan = make_plan(cfg, 10)
+    assert cfg.mechanism.name == "pe" and cfg.mechanism.cluster_size > 0
+    assert plan.epsilon_spent == pytest.approx(cfg.privacy.epsilon) and plan.noise_multiplier > 0
 
 
 def test_cli_writes_the_dataset_and_reports_the_budget(tmp_path, private_dir) -> None:

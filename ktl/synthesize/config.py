@@ -59,7 +59,10 @@ class MechanismSection(_Strict):
     )
     nearest: int = Field(1, ge=1, description="pe: each private image votes for this many")
     threshold: float | None = Field(
-        None, ge=0, description="pe: histogram threshold H (default: the noise multiplier)"
+        None,
+        ge=0,
+        description="pe: histogram threshold H (default: the noise multiplier sigma; 2 sigma "
+        "with cluster_size)",
     )
     lookahead: int = Field(0, ge=0, description="pe: embed a candidate as the mean of k variations")
     cluster_size: int = Field(
