@@ -145,6 +145,15 @@ def test_byte_counts_equal_the_messages_sent(algorithm, model):
         fed.close()
 
 
+def train_two_rounds_and_close(fed: Federation) -> None:
+    try:
+        for rnd in (1, 2):
+            fed.train_round(rnd)
+            fed.aggregate(rnd)
+    finally:
+        fed.close()
+
+
 @pytest.mark.parametrize("algorithm, model", CASES)
 def test_an_upload_is_what_the_client_trained_not_what_it_received(algorithm, model):
     """Where a client uploads tensors under the names it received them by (a model part it
@@ -167,12 +176,7 @@ def test_an_upload_is_what_the_client_trained_not_what_it_received(algorithm, mo
         return result
 
     runtime.run_task = recording
-    try:
-        for rnd in (1, 2):
-            fed.train_round(rnd)
-            fed.aggregate(rnd)
-    finally:
-        fed.close()
+    train_two_rounds_and_close(fed)
     assert not echoed, f"uploaded exactly what was received: {echoed[:2]}"
 
 
@@ -233,12 +237,7 @@ def test_a_broadcast_reaches_each_worker_once_per_round(tmp_path, monkeypatch):
     cfg = tiny_config("fedavg", executor="process", workers=2, join_ratio=1.0)
     cfg["data"]["num_clients"] = 8
     fed = Federation(build_config(cfg))
-    try:
-        for rnd in (1, 2):
-            fed.train_round(rnd)
-            fed.aggregate(rnd)
-    finally:
-        fed.close()
+    train_two_rounds_and_close(fed)
     reads = [line.split() for line in log.read_text().splitlines()]
     keys = {key for _, key in reads}
     assert len(keys) == 2  # one broadcast per round
