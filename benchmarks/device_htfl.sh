@@ -19,7 +19,7 @@ HTFE8=${HTFE8:-"fedproto fedtgp local"}
 DEVICE=${DEVICE:-cuda}
 SETS=()
 for o in ${EXTRA:-}; do SETS+=(--set "$o"); done
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 KTL_DATA_ROOT=${KTL_DATA_ROOT:-$PWD/.data/fashion_mnist}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 KTL_DATA_ROOT=${KTL_DATA_ROOT:-$PWD/.data/fashion_mnist}
 WORK=$(mktemp -d)
 mkdir -p "$OUT" "$WORK/rows" "$WORK/logs"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null

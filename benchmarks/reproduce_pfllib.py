@@ -9,8 +9,15 @@ Resumable: finished rows are kept in ``benchmarks/results/pfllib_fmnist.json`` a
 interrupted run continues from its checkpoint, and asking for more rounds continues a finished
 one (runs live in ``runs/pfllib_fmnist/``).
 
+Where a run executes (``--set device=cuda``, ``threads``, the executor, checkpointing) is not part
+of a row's key: a GPU run of the protocol is the protocol's row, with its device stated beside it.
+``benchmarks/device_pfllib.sh`` runs many rows at once on a GPU machine under a time budget
+(``--deadline``: a run stops after the first round that ends past it, and its row says how many
+rounds it ran); ``--merge`` adds such rows to the table here.
+
     python benchmarks/reproduce_pfllib.py --algorithms ditto fedproto --scenarios dir --rounds 20
     python benchmarks/reproduce_pfllib.py --table      # rewrite the markdown from the JSON
+    python benchmarks/reproduce_pfllib.py --merge /tmp/rows.json
 """
 
 from __future__ import annotations
@@ -18,15 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+from reproduce_htfl import (  # noqa: E402  (this folder is on sys.path when run as a script)
+    DeadlineReached,
+    machine_name,
+    partial_summary,
+    split_runtime,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS = RESULTS / "pfllib_fmnist.json"
-TABLE = RESULTS / "pfllib_fmnist.md"
 RUNS = ROOT / "runs" / "pfllib_fmnist"
 
 # PFLlib's published FMNIST figures (docs/benchmark.html): pathological / practical, in %
@@ -60,13 +72,26 @@ def load_rows() -> list[dict]:
 
 
 def save_rows(rows: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    ROWS.parent.mkdir(parents=True, exist_ok=True)
     tmp = ROWS.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=2))
     os.replace(tmp, ROWS)
 
 
-def run_row(algorithm: str, scenario: str, rounds: int, extra: list[str]) -> dict:
+def row_key(r: dict) -> tuple:
+    return (r["algorithm"], r["scenario"], r["rounds"], r["overrides"])
+
+
+def run_row(
+    algorithm: str,
+    scenario: str,
+    rounds: int,
+    extra: list[str],
+    runtime: list[str] = (),
+    deadline: float | None = None,
+) -> dict:
+    """Run (or continue) one row. With ``deadline`` (a ``time.monotonic()`` value) the run stops
+    after the first round that ends past it, and the row's ``rounds`` is the rounds it ran."""
     from fl_core.config import load_config
     from fl_core.engine import run
     from fl_core.engine.checkpoint import find_checkpoint
@@ -77,6 +102,7 @@ def run_row(algorithm: str, scenario: str, rounds: int, extra: list[str]) -> dic
         f"federation.rounds={rounds}",
         "federation.checkpoint_every=2",
         *extra,
+        *runtime,
     ]
     cfg = load_config(ROOT / "configs" / "default.yaml", overrides)
     # one folder per (algorithm, scenario, overrides): a longer run resumes a shorter one
@@ -87,14 +113,21 @@ def run_row(algorithm: str, scenario: str, rounds: int, extra: list[str]) -> dic
     def progress(rnd: int, rec) -> None:
         acc = f" acc {rec.metrics['test_acc']:.4f}" if rec is not None else ""
         print(f"  {algorithm}/{scenario} round {rnd}/{rounds}{acc}", flush=True)
+        if deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline:
+            raise DeadlineReached
 
-    result = run(cfg, out_dir=out, on_round=progress, resume=resume)
-    summary = result.summary()
-    per_round = max(result.rounds_run, 1)
+    try:
+        result = run(cfg, out_dir=out, on_round=progress, resume=resume)
+        summary, rounds_run = result.summary(), result.rounds_run
+    except DeadlineReached:
+        summary = partial_summary(out / "metrics.jsonl")
+        rounds_run = summary["rounds"]
+        print(f"  {algorithm}/{scenario}: time budget spent after {rounds_run} rounds", flush=True)
+    per_round = max(rounds_run, 1)
     return {
         "algorithm": algorithm,
         "scenario": scenario,
-        "rounds": result.rounds_run,
+        "rounds": rounds_run,
         "overrides": extra,
         "best_test_acc": summary["best_test_acc"],
         "best_round": summary["best_round"],
@@ -104,9 +137,19 @@ def run_row(algorithm: str, scenario: str, rounds: int, extra: list[str]) -> dic
         "bytes_down_per_round": summary["bytes_down"] / per_round,
         "wall_seconds_this_session": time.perf_counter() - t0,
         "resumed": resume,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "runtime": list(runtime),
+        "device": cfg.device,
+        "machine": machine_name(cfg.device),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def device_label(r: dict) -> str:
+    """``CPU (N cores)`` or the GPU's name, from a row's machine text."""
+    parts = [p.strip() for p in r.get("machine", "").split(",")]
+    if r.get("device", "cpu").startswith("cuda") and len(parts) > 2:
+        return parts[2].removeprefix("NVIDIA ")
+    return f"CPU ({parts[1]})" if len(parts) > 1 else "CPU"
 
 
 def write_table(rows: list[dict]) -> None:
@@ -119,12 +162,13 @@ def write_table(rows: list[dict]) -> None:
         "(round reached in brackets); PFLlib's figure is its best over 2,000 rounds. Seconds "
         "per round include the evaluation of every client and are those of the machine at "
         "the time, other jobs included (a row extended from a shorter run averages both "
-        "sessions): compare them only within one session. Written by "
+        "sessions): compare them only within one session and one device (`on`: a GPU row ran "
+        "beside other rows on one GPU machine, one process each). Written by "
         "`benchmarks/reproduce_pfllib.py`.",
         "",
         "| algorithm | scenario | rounds run | best (round) | PFLlib | gap | final | s/round "
-        "| up MB/round | down MB/round |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| up MB/round | down MB/round | on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["scenario"], r["algorithm"])):
         pub = PUBLISHED.get(r["algorithm"])
@@ -136,37 +180,55 @@ def write_table(rows: list[dict]) -> None:
             f"{'' if ref is None else f'{ref:.2f}'} | "
             f"{'' if ref is None else f'{best - ref:+.2f}'} | {100 * r['final_test_acc']:.2f} | "
             f"{r['seconds_per_round']:.1f} | {r['bytes_up_per_round'] / 1e6:.2f} | "
-            f"{r['bytes_down_per_round'] / 1e6:.2f} |"
+            f"{r['bytes_down_per_round'] / 1e6:.2f} | {device_label(r)} |"
         )
-    TABLE.write_text("\n".join(lines) + "\n")
+    ROWS.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
+    global ROWS, RUNS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--algorithms", nargs="+", default=["fedavg", "ditto", "fedrep", "fedproto"])
     ap.add_argument("--scenarios", nargs="+", default=["pat", "dir"], choices=list(SCENARIOS))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override")
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown table")
+    ap.add_argument("--results", type=Path, default=ROWS, help="rows JSON (.md beside)")
+    ap.add_argument("--runs", type=Path, default=RUNS, help="run folders")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: stop each run after the first round past this budget (a partial row)",
+    )
+    ap.add_argument(
+        "--merge", nargs="+", type=Path, default=None, help="add the rows of other results JSONs"
+    )
     args = ap.parse_args()
+    ROWS, RUNS = args.results.resolve(), args.runs.resolve()
     rows = load_rows()
+    if args.merge:
+        for path in args.merge:
+            for row in json.loads(path.read_text()):
+                rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
+        save_rows(rows)
+        write_table(rows)
+        return
+    deadline = None if args.deadline is None else time.monotonic() + args.deadline
+    extra, runtime = split_runtime(list(args.extra))
     if not args.table:
         for scenario in args.scenarios:
             for algorithm in args.algorithms:
-                key = (algorithm, scenario, args.rounds, args.extra)
-                if any(
-                    (r["algorithm"], r["scenario"], r["rounds"], r["overrides"]) == key
-                    for r in rows
-                ):
+                key = (algorithm, scenario, args.rounds, extra)
+                if any(row_key(r) == key for r in rows):
                     print(f"kept: {algorithm}/{scenario}/{args.rounds} rounds", flush=True)
                     continue
-                row = run_row(algorithm, scenario, args.rounds, args.extra)
-                rows = [
-                    r
-                    for r in load_rows()
-                    if (r["algorithm"], r["scenario"], r["rounds"], r["overrides"]) != key
-                ] + [row]
+                if deadline is not None and time.monotonic() > deadline:
+                    print(f"skipped (time budget spent): {algorithm}/{scenario}", flush=True)
+                    continue
+                row = run_row(algorithm, scenario, args.rounds, extra, runtime, deadline)
+                rows = [r for r in load_rows() if row_key(r) != row_key(row)] + [row]
                 save_rows(rows)
                 write_table(rows)
     write_table(rows)

@@ -294,8 +294,8 @@ def test_fedl2g_meta_gradient_is_the_first_order_formula():
     model = hand.model
     params = {k: v.detach() for k, v in model.named_parameters()}
     guide = message["guide/vectors"]
-    xs, ys = hand._data(study)
-    xq, yq = hand._data(quiz)
+    xs, ys = hand.gather(study)
+    xq, yq = hand.gather(quiz)
 
     def part(p: dict, prefix: str) -> dict:
         return {k.removeprefix(prefix): t for k, t in p.items() if k.startswith(prefix)}

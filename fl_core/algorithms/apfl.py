@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Client, ClientContext, HParams, Reply, TrainResult
+from .base import Client, ClientContext, HParams, LossSum, Reply, TrainResult
 from .fedavg import FedAvgServer
 from .parts import Part
 from .registry import register_algorithm
@@ -104,7 +104,7 @@ class APFLClient(Client):
         w.train()
         v.train()
         opt_w = self.make_optimizer(list(w.parameters()))
-        total, steps, samples = 0.0, 0, 0
+        total, steps, samples = LossSum(), 0, 0
         for x, y in self.batches(epochs):
             mixed = self.mix()
             mixed.train()
@@ -131,11 +131,11 @@ class APFLClient(Client):
                     new = min(max(a - alpha_lr * grad_alpha, 0.0), 1.0)
                     self.apfl["alpha"] = torch.tensor(new, dtype=torch.float64)
             opt_w.step()
-            total += float(loss.detach())
+            total.add(loss)
             steps += 1
             samples += int(y.shape[0])
         self._has_personal = True
-        return TrainResult(total / max(steps, 1), steps, samples)
+        return TrainResult(total.mean(steps), steps, samples)
 
     def evaluation_model(self) -> nn.Module:
         return self.mix() if self._has_personal else self.model

@@ -49,7 +49,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._model_store import ModelStore, pack_models, unpack_models
-from .base import ClientContext, HParams, Message, Reply, Server, ServerContext, TrainResult
+from .base import (
+    ClientContext,
+    HParams,
+    LossSum,
+    Message,
+    Reply,
+    Server,
+    ServerContext,
+    TrainResult,
+)
 from .common import PersonalModelClient, shared_model_state
 from .parts import Part, PartError, select_state
 from .registry import register_algorithm
@@ -142,14 +151,14 @@ class APPLEClient(PersonalModelClient):
             [{"params": list(own.values())}, {"params": [p], "lr": self.hp.dr_lr}], lr=core_lr
         )
         self.model.train()
-        total, steps, samples = 0.0, 0, 0
+        total, steps, samples = LossSum(), 0, 0
         for x, y in self.batches():
             opt.zero_grad(set_to_none=True)
             out = functional_call(self.model, mixed(), (x,))
             loss = nn.functional.cross_entropy(out, y) + pull * ((p - p0) ** 2).sum()
             loss.backward()
             opt.step()
-            total += float(loss.detach())
+            total.add(loss)
             steps += 1
             samples += int(y.shape[0])
         with torch.no_grad():
@@ -161,7 +170,7 @@ class APPLEClient(PersonalModelClient):
                 param.copy_(final[n])
         self.dr["p"] = p.detach().cpu()
         self._has_personal = True
-        return TrainResult(total / max(steps, 1), steps, samples)
+        return TrainResult(total.mean(steps), steps, samples)
 
 
 class APPLEServer(Server):

@@ -83,6 +83,11 @@ class EvalReport:
     train_num: int = 0
 
 
+# A client's train split larger than this stays in host memory during training (mini-batches are
+# then copied to the device one by one); smaller ones are copied to the device once.
+DEVICE_DATA_LIMIT = 1 << 30
+
+
 def split_batches(perm: Tensor, batch_size: int, drop_last: bool) -> list[Tensor]:
     """``perm`` cut into consecutive batches of ``batch_size``; with ``drop_last`` the last
     incomplete batch is left out unless it is the only batch (so a client smaller than one
@@ -90,6 +95,20 @@ def split_batches(perm: Tensor, batch_size: int, drop_last: bool) -> list[Tensor
     n = perm.numel()
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     return list(perm[:stop].split(batch_size)) if stop > 0 else []
+
+
+class LossSum:
+    """A running sum of scalar losses kept on their device (in float64), read once at the end:
+    reading a GPU loss per step would make every step wait for the device."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | float = 0.0
+
+    def add(self, loss: Tensor) -> None:
+        self.total = self.total + loss.detach().double()
+
+    def mean(self, steps: int) -> float:
+        return float(self.total) / max(steps, 1)
 
 
 @dataclass
@@ -110,6 +129,21 @@ class ClientContext:
     rng: torch.Generator  # derived from (seed, purpose, round, client id): shuffling, sampling
     device: torch.device
     pooled_model: Callable[[str, str | None], nn.Module]
+    _train_on_device: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
+
+    def train_on_device(self) -> tuple[Tensor, Tensor]:
+        """``(train_x, train_y)`` on ``device``, copied there once per participation (unless
+        larger than ``DEVICE_DATA_LIMIT``): mini-batches are then gathered on the device, and a
+        training step does not wait for a copy from pageable host memory (each such copy
+        synchronises the device's stream, which on a GPU shared by several processes costs a
+        time slice per step)."""
+        if self._train_on_device is None:
+            size = self.train_x.nbytes + self.train_y.nbytes
+            if self.device.type == "cpu" or size > DEVICE_DATA_LIMIT:
+                self._train_on_device = (self.train_x, self.train_y)
+            else:
+                self._train_on_device = (self.train_x.to(self.device), self.train_y.to(self.device))
+        return self._train_on_device
 
     def extra_model(self, slot: str, arch: str | None = None) -> nn.Module:
         """Another pooled model (of this client's architecture unless ``arch`` is given), reset
@@ -226,15 +260,28 @@ class Client:
             perm = index[torch.randperm(index.numel(), generator=ctx.rng)]
         return split_batches(perm, ctx.settings.batch_size, ctx.settings.drop_last)
 
+    def on_data_device(self, batches: list[Tensor]) -> list[Tensor]:
+        """Index batches moved, in one copy, to where `ClientContext.train_on_device` keeps the
+        train split (unchanged when they are there already)."""
+        device = self.ctx.train_on_device()[0].device
+        if not batches or batches[0].device == device:
+            return batches
+        return list(torch.cat(batches).to(device).split([b.numel() for b in batches]))
+
+    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The train samples ``idx`` (from `on_data_device`) as a batch on the client's device."""
+        x, y = self.ctx.train_on_device()
+        device = self.ctx.device
+        return (
+            x.index_select(0, idx).to(device, non_blocking=True),
+            y.index_select(0, idx).to(device, non_blocking=True),
+        )
+
     def batches(self, epochs: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled mini-batches of the client's train split, ``epochs`` passes."""
-        ctx = self.ctx
-        for _ in range(ctx.settings.local_epochs if epochs is None else epochs):
-            for idx in self.epoch_batches():
-                yield (
-                    ctx.train_x.index_select(0, idx).to(ctx.device, non_blocking=True),
-                    ctx.train_y.index_select(0, idx).to(ctx.device, non_blocking=True),
-                )
+        for _ in range(self.ctx.settings.local_epochs if epochs is None else epochs):
+            for idx in self.on_data_device(self.epoch_batches()):
+                yield self.gather(idx)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.cross_entropy(model(x), y)
@@ -262,7 +309,7 @@ class Client:
             p.requires_grad_(False)
         model.train()
         opt = self.make_optimizer(trained)
-        total, steps, samples = 0.0, 0, 0
+        total, steps, samples = LossSum(), 0, 0
         try:
             for x, y in self.batches(epochs):
                 opt.zero_grad(set_to_none=True)
@@ -270,13 +317,13 @@ class Client:
                 loss.backward()
                 self.before_step(model)
                 opt.step()
-                total += float(loss.detach())
+                total.add(loss)
                 steps += 1
                 samples += int(y.shape[0])
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        return TrainResult(total / max(steps, 1), steps, samples)
+        return TrainResult(total.mean(steps), steps, samples)
 
     # -- evaluation ------------------------------------------------------------------------
     def predict(self, model: nn.Module, x: Tensor) -> Tensor:

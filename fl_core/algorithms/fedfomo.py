@@ -142,12 +142,9 @@ class FedFomoClient(Client):
         n = len(self._train_idx)
         for _ in range(ctx.settings.local_epochs if epochs is None else epochs):
             order = self._train_idx[torch.randperm(n, generator=ctx.rng)]
+            order = self.on_data_device([order])[0]
             for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                yield (
-                    ctx.train_x.index_select(0, idx).to(ctx.device),
-                    ctx.train_y.index_select(0, idx).to(ctx.device),
-                )
+                yield self.gather(order[start : start + bs])
 
     def fit(self) -> Reply:
         raw = self.weigh_and_mix()

@@ -137,20 +137,13 @@ class FedL2GClient(Client):
         """``index`` shuffled with the client's generator, cut into batches (the first
         ``limit``)."""
         batches = self.epoch_batches(index)
-        return batches if limit is None else batches[:limit]
-
-    def _data(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        ctx = self.ctx
-        return (
-            ctx.train_x.index_select(0, index).to(ctx.device, non_blocking=True),
-            ctx.train_y.index_select(0, index).to(ctx.device, non_blocking=True),
-        )
+        return self.on_data_device(batches if limit is None else batches[:limit])
 
     def batches(self, epochs: int | None = None):
         index = self.study_index()
         for _ in range(self.ctx.settings.local_epochs if epochs is None else epochs):
             for batch in self._batches_of(index):
-                yield self._data(batch)
+                yield self.gather(batch)
 
     # -- training --------------------------------------------------------------------------
     def guided_loss(self, features: Tensor, logits: Tensor, y: Tensor, guide: Tensor) -> Tensor:
@@ -200,7 +193,7 @@ class FedL2GClient(Client):
         study_loss = 0.0
         labels = []
         for batch in study:
-            x, y = self._data(batch)
+            x, y = self.gather(batch)
             features, logits = forward(params, x)
             study_loss = study_loss + self.guided_loss(features, logits, y, guide)
             labels.append(y)
@@ -215,7 +208,7 @@ class FedL2GClient(Client):
         }
         quiz_loss = 0.0
         for batch in quiz:
-            x, y = self._data(batch)
+            x, y = self.gather(batch)
             quiz_loss = quiz_loss + nn.functional.cross_entropy(forward(stepped, x)[1], y)
         (grad,) = torch.autograd.grad(quiz_loss / len(quiz), guide)
         classes = torch.unique(torch.cat(labels))

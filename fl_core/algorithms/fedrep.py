@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import Client, HParams, Reply, TrainResult
+from .base import Client, HParams, LossSum, Reply, TrainResult
 from .fedavg import FedAvgServer
 from .registry import register_algorithm
 
@@ -70,7 +70,7 @@ class FedRepClient(Client):
             features = (
                 torch.cat(
                     [
-                        self.model.body(ctx.train_x[i : i + bs].to(ctx.device))
+                        self.model.body(ctx.train_on_device()[0][i : i + bs].to(ctx.device))
                         for i in range(0, ctx.num_train, bs)
                     ]
                 )
@@ -80,20 +80,20 @@ class FedRepClient(Client):
         head = self.model.head
         head.train()
         opt = self.make_optimizer(list(head.parameters()))
-        labels = ctx.train_y.to(ctx.device)
-        total, steps, samples = 0.0, 0, 0
+        labels = ctx.train_on_device()[1].to(ctx.device)
+        total, steps, samples = LossSum(), 0, 0
         for _ in range(epochs):
             # the same shuffles and batches as Client.batches, on features instead of images
-            for idx in self.epoch_batches():
+            for idx in self.on_data_device(self.epoch_batches()):
                 idx = idx.to(ctx.device)
                 opt.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(head(features[idx]), labels[idx])
                 loss.backward()
                 opt.step()
-                total += float(loss.detach())
+                total.add(loss)
                 steps += 1
                 samples += int(idx.shape[0])
-        return TrainResult(total / max(steps, 1), steps, samples)
+        return TrainResult(total.mean(steps), steps, samples)
 
 
 register_algorithm(

@@ -57,7 +57,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import HParams, Message, Reply, Server, ServerContext
+from .base import HParams, LossSum, Message, Reply, Server, ServerContext
 from .fedproto import FedProtoClient
 from .registry import register_algorithm
 
@@ -210,9 +210,8 @@ class FedTGPServer(Server):
         epoch_losses = []
         n = prototypes.shape[0]
         for _ in range(hp.server_epochs):
-            total, steps = 0.0, 0
-            for batch in torch.randperm(n, generator=generator).split(bs):
-                batch = batch.to(ctx.device)
+            total, steps = LossSum(), 0
+            for batch in torch.randperm(n, generator=generator).to(ctx.device).split(bs):
                 dist = torch.cdist(
                     prototypes[batch], self.tgp(), compute_mode="donot_use_mm_for_euclid_dist"
                 )
@@ -220,9 +219,9 @@ class FedTGPServer(Server):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach())
+                total.add(loss)
                 steps += 1
-            epoch_losses.append(total / max(steps, 1))
+            epoch_losses.append(total.mean(steps))
         return epoch_losses
 
     def state_dict(self) -> dict[str, Tensor]:

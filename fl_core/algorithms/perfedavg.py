@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Client, ClientContext, EvalReport, HParams, Reply, TrainResult
+from .base import Client, ClientContext, EvalReport, HParams, LossSum, Reply, TrainResult
 from .fedavg import FedAvgServer
 from .registry import register_algorithm
 
@@ -81,7 +81,7 @@ class PerFedAvgClient(Client):
         model.train()
         tmp.train()
         params = list(model.parameters())
-        total, steps, samples = 0.0, 0, 0
+        total, steps, samples = LossSum(), 0, 0
         for chunk in self._groups(group):
             (x1, y1), (x2, y2), *rest = chunk
             # w̃ = w - alpha·∇f(w; D), in a second model so that w stays untouched
@@ -103,10 +103,10 @@ class PerFedAvgClient(Client):
                 # buffers (BatchNorm statistics) as the outer forward pass left them
                 for b, b_tmp in zip(model.buffers(), tmp.buffers(), strict=True):
                     b.copy_(b_tmp)
-            total += float(loss.detach())
+            total.add(loss)
             steps += 1
             samples += sum(int(y.shape[0]) for _, y in chunk)
-        return TrainResult(total / max(steps, 1), steps, samples)
+        return TrainResult(total.mean(steps), steps, samples)
 
     def _groups(self, size: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
         """Consecutive mini-batches in groups of ``size``; a short tail (or a client with fewer

@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Client, ClientContext, HParams, Reply, TrainResult
+from .base import Client, ClientContext, HParams, LossSum, Reply, TrainResult
 from .common import weighted_average
 from .fedavg import FedAvgServer
 from .parts import Part
@@ -92,7 +92,7 @@ class PFedMeClient(Client):
         theta.train()
         w_params = list(w.parameters())
         opt = torch.optim.SGD(theta.parameters(), lr=hp.personal_lr)
-        total, steps, samples = 0.0, 0, 0
+        total, steps, samples = LossSum(), 0, 0
         for x, y in self.batches(epochs):
             for _ in range(hp.inner_steps):
                 opt.zero_grad(set_to_none=True)
@@ -108,14 +108,14 @@ class PFedMeClient(Client):
             with torch.no_grad():
                 for anchor, p in zip(w_params, theta.parameters(), strict=True):
                     anchor.sub_(anchor - p, alpha=lr * hp.lam)
-            total += float(loss.detach())
+            total.add(loss)
             steps += 1
             samples += int(y.shape[0])
         with torch.no_grad():  # buffers (BatchNorm statistics) travel as θ computed them
             for b_w, b_theta in zip(w.buffers(), theta.buffers(), strict=True):
                 b_w.copy_(b_theta)
         self._has_personal = True
-        return TrainResult(total / max(steps, 1), steps, samples)
+        return TrainResult(total.mean(steps), steps, samples)
 
     def evaluation_model(self) -> nn.Module:
         return self.personal if self._has_personal else self.model

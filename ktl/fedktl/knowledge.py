@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fl_core.algorithms.base import LossSum
 from fl_core.algorithms.losses import mmd
 
 
@@ -175,7 +176,7 @@ def align(
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     transformer.train()
     for _ in range(epochs):
-        total, steps = 0.0, 0  # (no epochs: fewer than two prototypes, or epochs == 0)
+        total, steps = LossSum(), 0  # (no epochs: fewer than two prototypes, or epochs == 0)
         for idx in torch.randperm(n, generator=generator).split(batch_size):
             if idx.numel() < 2:
                 continue
@@ -188,9 +189,9 @@ def align(
             loss.backward()
             nn.utils.clip_grad_norm_(params, clip)
             opt.step()
-            total += float(loss.detach())
+            total.add(loss)
             steps += 1
-        losses.append(total / max(steps, 1))
+        losses.append(total.mean(steps))
     reset_centroids()
     if prior_norm:
         with torch.no_grad():
