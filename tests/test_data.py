@@ -144,6 +144,29 @@ def test_pathological_classes_per_client(labels: np.ndarray) -> None:
         assert set().union(*held) == set(range(10)), "every class has a holder"
 
 
+def test_pathological_pairs_follow_label_order_unless_shuffled(labels: np.ndarray) -> None:
+    """PFLlib's quota walk gives clients classes in label order: with 2 classes per client,
+    20 clients hold the pairs (0, 1), (2, 3), … (4 clients each); shuffle_classes draws the
+    order from the seed instead."""
+    parts = partition_labels(labels, "pat", 20, seed=4, classes_per_client=2, min_samples=10)
+    held = [tuple(np.unique(labels[p]).tolist()) for p in parts]
+    assert held == [(2 * (k % 5), 2 * (k % 5) + 1) for k in range(20)]
+    pairs = {
+        frozenset(np.unique(labels[p]).tolist())
+        for seed in range(3)
+        for p in partition_labels(
+            labels,
+            "pat",
+            20,
+            seed=seed,
+            classes_per_client=2,
+            min_samples=10,
+            shuffle_classes=True,
+        )
+    }
+    assert pairs - {frozenset((2 * i, 2 * i + 1)) for i in range(5)}, "some other pairing"
+
+
 def test_extended_dirichlet_classes_per_client(labels: np.ndarray) -> None:
     for cpc, alpha in [(1, 0.1), (2, 0.1), (4, 100.0)]:
         parts = partition_labels(

@@ -52,6 +52,11 @@ class DataSpec(BaseModel):
         0.1, description="Dirichlet concentration for dir/exdir; smaller = more skew."
     )
     classes_per_client: int = Field(2, description="Classes per client for pat/exdir.")
+    shuffle_classes: bool = Field(
+        False,
+        description="pat: give clients classes in a seeded random order instead of label order "
+        "(PFLlib's), which decides which classes share a client.",
+    )
     balance: bool = Field(
         False, description="Equal shares per class (iid/pat); else random shares."
     )
@@ -128,6 +133,7 @@ class DataSpec(BaseModel):
             "alpha": self.alpha,
             "classes_per_client": self.classes_per_client,
             "balance": self.balance,
+            "shuffle_classes": self.shuffle_classes,
             "min_samples": min_samples,
         }
         return {k: values[k] for k in scenario_parameters(self.partition) if k in values}

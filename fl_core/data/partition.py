@@ -223,19 +223,25 @@ def pathological_partition(
     classes_per_client: int = 2,
     balance: bool = False,
     min_samples: int = 0,
+    shuffle_classes: bool = False,
 ) -> list[np.ndarray]:
     """Each client holds exactly ``classes_per_client`` classes; every class has holders.
 
-    Client k gets classes ``perm[(k*cpc + j) % C]`` (``perm`` a seeded permutation), so holders per
-    class differ by at most one, like PFLlib's quota walk. Each class is then split among its
-    holders in equal (``balance``) or random shares.
+    Client k gets classes ``order[(k*cpc + j) % C]``, so holders per class differ by at most
+    one. ``order`` is the label order, as in PFLlib's quota walk (with 2 classes per client,
+    clients hold the pairs (0, 1), (2, 3), …: on Fashion-MNIST none of them is a hard pair
+    such as shirt / T-shirt), or with ``shuffle_classes`` a seeded permutation (which pairs
+    are hard then depends on the seed). Each class is then split among its holders in equal
+    (``balance``) or random shares.
     """
     labels = _check_common(labels, num_clients, min_samples)
     classes, sizes = _class_sizes(labels)
     num_classes = len(classes)
     _check_classes_per_client(classes_per_client, num_classes, num_clients)
     rng = numpy_rng(seed, "partition", "pat")
-    perm = rng.permutation(num_classes)
+    perm = rng.permutation(num_classes)  # drawn either way: the shares below use the same rng
+    if not shuffle_classes:
+        perm = np.arange(num_classes)
     allowed = np.zeros((num_clients, num_classes), dtype=bool)
     slots = np.arange(num_clients)[:, None] * classes_per_client + np.arange(classes_per_client)
     allowed[np.arange(num_clients)[:, None], perm[slots % num_classes]] = True
