@@ -61,6 +61,16 @@ def test_gdp_conversion_matches_published_figures(mu: float, epsilon: float) -> 
     assert gdp_epsilon(mu, 1e-5) == pytest.approx(epsilon, abs=0.015)
 
 
+def test_pe_accounting_matches_the_published_private_evolution_figure() -> None:
+    """Private Evolution (Lin et al., ICLR 2024), its CIFAR-10 setting as corrected by the
+    authors (microsoft/DPSDA issue 6): T = 5 noisy histograms with noise multiplier 2*sqrt(2)
+    at delta = 1e-5 are (3.34, 1e-5)-DP. Our plan for that budget asks for that noise."""
+    sigma = 2 * math.sqrt(2)
+    assert gaussian_epsilon(sigma, 5, 1e-5) == pytest.approx(3.34, abs=0.005)
+    plan = plan_pe(3.34, 1e-5, iterations=5)
+    assert plan.steps == 5 and plan.noise_multiplier == pytest.approx(sigma, rel=0.005)
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 def test_gaussian_composition_matches_opacus_prv_accountant() -> None:
     """T Gaussian mechanisms without subsampling: Opacus' PRV accountant (numerical, near
