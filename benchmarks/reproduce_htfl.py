@@ -227,10 +227,6 @@ def run_folder(store: Store, algorithm: str, group: str, extra: list[str]) -> Pa
     return store.runs / re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
 
-class DeadlineReached(Exception):
-    """Raised from the round callback when a run's time budget is spent."""
-
-
 def split_runtime(extra: list[str]) -> tuple[list[str], list[str]]:
     """(protocol overrides, runtime overrides) of ``--set`` items."""
     runtime = [o for o in extra if o.split("=", 1)[0].strip() in RUNTIME_KEYS]
@@ -245,28 +241,6 @@ def machine_name(device: str) -> str:
         if torch.cuda.is_available():
             text += f", {torch.cuda.get_device_name(0)}"
     return text
-
-
-def partial_summary(metrics_file: Path) -> dict:
-    """The row figures of a run stopped early, from its per-round records (``seconds`` there
-    counts from the start of the run, round 0's evaluation included)."""
-    import statistics
-
-    recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    start = next((r["seconds"] for r in recs if r["round"] == 0), 0.0)
-    recs = [r for r in recs if r["round"] > 0]
-    best = max(recs, key=lambda r: (r["test_acc"], -r["round"]))
-    return {
-        "best_test_acc": best["test_acc"],
-        "best_round": best["round"],
-        "final_test_acc": recs[-1]["test_acc"],
-        "rounds": len(recs),
-        "seconds_per_round": (recs[-1]["seconds"] - start) / len(recs),
-        "median_train_seconds": statistics.median(r["train_seconds"] for r in recs),
-        "median_eval_seconds": statistics.median(r["eval_seconds"] for r in recs),
-        "bytes_up": recs[-1]["bytes_up"],
-        "bytes_down": recs[-1]["bytes_down"],
-    }
 
 
 def run_row(
@@ -306,18 +280,14 @@ def run_row(
     resume = ckpt is not None
     t0 = time.perf_counter()
 
-    def progress(rnd: int, rec) -> None:
+    def progress(rnd: int, rec) -> bool:
         acc = f" acc {rec.metrics['test_acc']:.4f}" if rec is not None else ""
         print(f"  {group}/{algorithm} round {rnd}/{rounds}{acc}", flush=True)
-        if deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline:
-            raise DeadlineReached
+        return deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline
 
-    try:
-        summary = run(cfg, out_dir=out, on_round=progress, resume=resume).summary()
-    except DeadlineReached:
-        summary = partial_summary(out / "metrics.jsonl")
-        rounds_run = summary["rounds"]
-        print(f"  {group}/{algorithm}: time budget spent after {rounds_run} rounds", flush=True)
+    summary = run(cfg, out_dir=out, on_round=progress, resume=resume).summary()
+    if summary["stop_requested"]:
+        print(f"  {group}/{algorithm}: time budget spent after {summary['rounds']} rounds")
     per_round = max(summary["rounds"], 1)
     fed = cfg.federation
     # nominal: exact with join ratio 1 and no drops, as in this protocol

@@ -29,12 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from reproduce_htfl import (  # noqa: E402  (this folder is on sys.path when run as a script)
-    DeadlineReached,
-    machine_name,
-    partial_summary,
-    split_runtime,
-)
+from reproduce_htfl import machine_name, split_runtime  # (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -125,19 +120,15 @@ def run_row(
     resume = find_checkpoint(out) is not None
     t0 = time.perf_counter()
 
-    def progress(rnd: int, rec) -> None:
+    def progress(rnd: int, rec) -> bool:
         acc = f" acc {rec.metrics['test_acc']:.4f}" if rec is not None else ""
         print(f"  {algorithm}/{scenario} round {rnd}/{rounds}{acc}", flush=True)
-        if deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline:
-            raise DeadlineReached
+        return deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline
 
-    try:
-        result = run(cfg, out_dir=out, on_round=progress, resume=resume)
-        summary, rounds_run = result.summary(), result.rounds_run
-    except DeadlineReached:
-        summary = partial_summary(out / "metrics.jsonl")
-        rounds_run = summary["rounds"]
-        print(f"  {algorithm}/{scenario}: time budget spent after {rounds_run} rounds", flush=True)
+    summary = run(cfg, out_dir=out, on_round=progress, resume=resume).summary()
+    rounds_run = summary["rounds"]
+    if summary["stop_requested"]:
+        print(f"  {algorithm}/{scenario}: time budget spent after {rounds_run} rounds")
     per_round = max(rounds_run, 1)
     return {
         "algorithm": algorithm,

@@ -117,6 +117,21 @@ def test_fedavg_learns_and_is_deterministic(tmp_path):
     assert load_config(tmp_path / "a" / "config.yaml") == cfg
 
 
+def test_a_stop_request_ends_the_run_and_resuming_continues_it(tmp_path):
+    """``on_round`` returning true stops after that round (a time budget, say); the stopped run
+    is checkpointed and summarised, and resuming it ends where an uninterrupted run ends."""
+    cfg = build_config(synthetic_config(**{"federation.checkpoint_every": 3}))
+    full = run(cfg, out_dir=tmp_path / "full")
+    seen = []
+    cut = run(cfg, out_dir=tmp_path / "cut", on_round=lambda rnd, rec: seen.append(rnd) or rnd == 2)
+    assert seen == [0, 1, 2] and cut.rounds_run == 2 and cut.stop_requested
+    assert cut.summary()["rounds"] == 2 and not cut.stopped_early
+    assert [h.round for h in cut.history] == [0, 1, 2]
+    resumed = run(cfg, out_dir=tmp_path / "cut", resume=True)
+    assert resumed.rounds_run == 4 and not resumed.stop_requested
+    assert [h.metrics for h in resumed.history] == [h.metrics for h in full.history]
+
+
 def test_byte_counts_equal_model_size_times_clients():
     cfg = build_config(synthetic_config(**{"federation.rounds": 2, "federation.local_epochs": 1}))
     fed = Federation(cfg)

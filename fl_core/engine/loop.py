@@ -15,7 +15,9 @@ from .federation import Federation
 from .outputs import MetricsFile, atomic_write_text, write_summary
 from .results import RoundRecord, RunResult
 
-OnRound = Callable[[int, RoundRecord | None], None]
+# Called after each round (and after round 0's evaluation) with the round's record (None when
+# the round was not evaluated); a true return value ends the run after that round.
+OnRound = Callable[[int, RoundRecord | None], bool | None]
 
 
 def run(
@@ -27,7 +29,11 @@ def run(
 ) -> RunResult:
     """Run a federation end to end; write config, metrics, summary, curves and checkpoints to
     ``out_dir``. With ``resume``, continue from the checkpoint in ``out_dir``: the finished run
-    has exactly the metrics of one that was never interrupted."""
+    has exactly the metrics of one that was never interrupted.
+
+    ``on_round(round, record)`` returning true stops the run after that round as if it were the
+    last one (checkpointed, summarised, ``result.stop_requested`` set); resuming continues it.
+    A time budget is one use: stop at the first round that ends past it."""
     fed_cfg = config.federation
     out = Path(out_dir) if out_dir is not None else None
     ckpt = None
@@ -75,11 +81,12 @@ def run(
                 metrics_file.write(rec)
             return rec
 
+        result.stop_requested = False  # (a resumed run was stopped by its caller, if at all)
+        stop = result.stopped_early
         if ckpt is None:
             rec = do_eval(0, 0.0, 0.0)
-            if on_round:
-                on_round(0, rec)
-        stop = result.stopped_early
+            if on_round and on_round(0, rec):
+                result.stop_requested = stop = True
         for rnd in range(start_round, fed_cfg.rounds + 1):
             if stop:
                 break
@@ -105,6 +112,8 @@ def run(
                     since_best += 1
                     if since_best >= fed_cfg.early_stop_patience:
                         result.stopped_early = stop = True
+            if on_round and on_round(rnd, rec):
+                result.stop_requested = stop = True
             every = fed_cfg.checkpoint_every
             if out is not None and every and (rnd % every == 0 or stop or rnd == fed_cfg.rounds):
                 save_checkpoint(
@@ -121,8 +130,6 @@ def run(
                         elapsed=time.perf_counter() - start,
                     ),
                 )
-            if on_round:
-                on_round(rnd, rec)
         if federation.new_client_ids and result.new_client_metrics is None:
             result.new_client_metrics = federation.evaluate(
                 federation.new_client_ids,

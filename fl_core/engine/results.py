@@ -41,7 +41,8 @@ class RunResult:
     train_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
     new_client_metrics: dict[str, float] | None = None
-    stopped_early: bool = False
+    stopped_early: bool = False  # by early_stop_patience
+    stop_requested: bool = False  # by the caller's on_round
 
     @property
     def best_test_acc(self) -> float:
@@ -76,6 +77,7 @@ class RunResult:
             "bytes_up": self.history[-1].bytes_up if self.history else 0,
             "bytes_down": self.history[-1].bytes_down if self.history else 0,
             "stopped_early": self.stopped_early,
+            "stop_requested": self.stop_requested,
         }
         if self.history:
             out["final_metrics"] = self.history[-1].metrics
