@@ -214,14 +214,15 @@ class _CloudMessages(Mapping[int, Message]):
     def __init__(self, server: FedAMPServer, client_ids: list[int]) -> None:
         self.server = server
         self.ids = list(client_ids)
+        self.position = {cid: i for i, cid in enumerate(self.ids)}
         self.block = server._block_size()
         self._ready: dict[int, Message] = {}
 
     def __getitem__(self, cid: int) -> Message:
         if cid not in self._ready:
-            if cid not in self.ids:
+            if cid not in self.position:
                 raise KeyError(cid)
-            start = self.ids.index(cid) // self.block * self.block
+            start = self.position[cid] // self.block * self.block
             ids = self.ids[start : start + self.block]
             clouds = self.server._cloud_block(ids, self.block)
             self._ready = {c: self.server.message(v) for c, v in clouds.items()}
