@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 
-from .base import Client, ClientContext, HParams, LossSum, Reply, TrainResult
+from .base import ClientContext, HParams, LossSum, Reply, TrainResult
+from .common import PersonalModelClient
 from .fedavg import FedAvgServer
 from .parts import Part
 from .registry import register_algorithm
@@ -53,23 +54,17 @@ class APFLHParams(HParams):
     )
 
 
-class APFLClient(Client):
+class APFLClient(PersonalModelClient):
     shared = ("model",)
     persistent = ("personal", "apfl")
 
     def __init__(self, ctx: ClientContext) -> None:
         super().__init__(ctx)
-        self.personal = ctx.extra_model("personal")
         self._mix = ctx.extra_model("mix")
         self.apfl = {"alpha": torch.tensor(float(self.hp.alpha), dtype=torch.float64)}
-        self._has_personal = False
 
     def parts(self) -> dict[str, Part]:
-        return {**super().parts(), "personal": self.personal, "apfl": self.apfl}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        super().load_state_dict(state)
-        self._has_personal = bool(state)
+        return {**super().parts(), "apfl": self.apfl}
 
     @property
     def alpha(self) -> float:

@@ -37,12 +37,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 
-from .base import Client, ClientContext, HParams, LossSum, Reply, TrainResult
-from .common import weighted_average
+from .base import HParams, LossSum, Reply, TrainResult
+from .common import PersonalModelClient, weighted_average
 from .fedavg import FedAvgServer
-from .parts import Part
 from .registry import register_algorithm
 
 
@@ -61,21 +60,9 @@ class PFedMeHParams(HParams):
     )
 
 
-class PFedMeClient(Client):
+class PFedMeClient(PersonalModelClient):
     shared = ("model",)
     persistent = ("personal",)
-
-    def __init__(self, ctx: ClientContext) -> None:
-        super().__init__(ctx)
-        self.personal = ctx.extra_model("personal")
-        self._has_personal = False
-
-    def parts(self) -> dict[str, Part]:
-        return {**super().parts(), "personal": self.personal}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        super().load_state_dict(state)
-        self._has_personal = bool(state)
 
     def fit(self) -> Reply:
         result = self.local_update()
@@ -116,9 +103,6 @@ class PFedMeClient(Client):
                 b_w.copy_(b_theta)
         self._has_personal = True
         return TrainResult(total.mean(steps), steps, samples)
-
-    def evaluation_model(self) -> nn.Module:
-        return self.personal if self._has_personal else self.model
 
 
 class PFedMeServer(FedAvgServer):
