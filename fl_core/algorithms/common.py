@@ -98,9 +98,9 @@ def class_means(model: nn.Module, ctx: ClientContext) -> tuple[Tensor, Tensor]:
 
 class PersonalModelClient(Client):
     """The base of a client with a personal model (the part ``personal``) that it is evaluated
-    with once it has one (Ditto, APPLE, pFedMe, APFL). A client that never trained (a held-out new client)
-    has none: it is evaluated with the model part, and fine-tuning starts its personal model
-    from that. Subclasses list ``"personal"`` in ``persistent``."""
+    with once it has one (Ditto, APPLE, pFedMe, APFL). A client that never trained (a held-out
+    new client) has none: it is evaluated with the model part, and fine-tuning starts its
+    personal model from that. Subclasses list ``"personal"`` in ``persistent``."""
 
     def __init__(self, ctx: ClientContext) -> None:
         super().__init__(ctx)
