@@ -475,6 +475,20 @@ def comparison(by_setting: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
+def add_budget_options(ap: argparse.ArgumentParser) -> None:
+    """``--deadline`` and ``--merge``: how a table is filled under a time budget elsewhere (a GPU
+    machine) and its rows brought back."""
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: stop each run after the first round past this budget (a partial row)",
+    )
+    ap.add_argument(
+        "--merge", nargs="+", type=Path, default=None, help="add the rows of other results JSONs"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -491,15 +505,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="rows JSON (.md beside)")
     ap.add_argument("--runs", type=Path, default=None, help="run folders (default runs/<stem>)")
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown table")
-    ap.add_argument(
-        "--deadline",
-        type=float,
-        default=None,
-        help="seconds: stop each run after the first round past this budget (a partial row)",
-    )
-    ap.add_argument(
-        "--merge", nargs="+", type=Path, default=None, help="add the rows of other results JSONs"
-    )
+    add_budget_options(ap)
     ap.add_argument("--throughput", nargs="+", metavar="ARCH", help="only measure samples/s")
     args = ap.parse_args()
     if args.throughput:

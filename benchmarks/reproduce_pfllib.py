@@ -29,7 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-from reproduce_htfl import machine_name, split_runtime  # (this folder is on sys.path)
+from reproduce_htfl import (  # (this folder is on sys.path)
+    add_budget_options,
+    machine_name,
+    split_runtime,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -203,15 +207,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown table")
     ap.add_argument("--results", type=Path, default=ROWS, help="rows JSON (.md beside)")
     ap.add_argument("--runs", type=Path, default=RUNS, help="run folders")
-    ap.add_argument(
-        "--deadline",
-        type=float,
-        default=None,
-        help="seconds: stop each run after the first round past this budget (a partial row)",
-    )
-    ap.add_argument(
-        "--merge", nargs="+", type=Path, default=None, help="add the rows of other results JSONs"
-    )
+    add_budget_options(ap)
     args = ap.parse_args()
     ROWS, RUNS = args.results.resolve(), args.runs.resolve()
     rows = load_rows()
