@@ -19,12 +19,8 @@ HTFE8=${HTFE8:-"fedproto fedtgp local"}
 DEVICE=${DEVICE:-cuda}
 SETS=()
 for o in ${EXTRA:-}; do SETS+=(--set "$o"); done
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 KTL_DATA_ROOT=${KTL_DATA_ROOT:-$PWD/.data/fashion_mnist}
-WORK=$(mktemp -d)
-mkdir -p "$OUT" "$WORK/rows" "$WORK/logs"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-python3 -c "import pydantic, fl_core.engine; print('pydantic', pydantic.VERSION)" || exit 1
+source "$(dirname "$0")/device_common.sh"
+device_prelude
 
 job() {  # group algorithm budget
   timeout $(($3 + ${GRACE:-120})) python3 benchmarks/reproduce_htfl.py --group "$1" --algorithms "$2" \
@@ -36,14 +32,4 @@ job() {  # group algorithm budget
 for a in $CPU4; do job HtFE-img-cpu-4 "$a" "$BUDGET_CPU4" & done
 for a in $HTFE8; do job HtFE-img-8 "$a" "$BUDGET_HTFE8" & done
 wait
-python3 - "$WORK/rows" "$OUT/rows.json" <<'EOF'
-import json, sys
-from pathlib import Path
-rows = [r for f in sorted(Path(sys.argv[1]).glob("*.json")) for r in json.loads(f.read_text())]
-Path(sys.argv[2]).write_text(json.dumps(rows, indent=2))
-for r in rows:
-    print(f"{r['group']:15s} {r['algorithm']:10s} {r['rounds_run']:3d} rounds  "
-          f"best {100 * r['best_test_acc']:.2f} ({r['best_round']})  {r['seconds_per_round']:.1f} s/round")
-EOF
-# the per-round metrics of every run (also of one killed before its row was written) and the logs
-tar czf "$OUT/logs.tgz" -C "$WORK" logs $(cd "$WORK" && find runs -name metrics.jsonl)
+device_collect group

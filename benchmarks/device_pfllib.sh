@@ -16,13 +16,9 @@ BUDGET=${BUDGET:-540}
 PARALLEL=${PARALLEL:-15}
 MIN_START=${MIN_START:-150}
 DEVICE=${DEVICE:-cuda}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 KTL_DATA_ROOT=${KTL_DATA_ROOT:-$PWD/.data/fashion_mnist}
 export END=$(($(date +%s) + BUDGET)) ROUNDS DEVICE MIN_START EXTRA=${EXTRA:-}
-export WORK=$(mktemp -d)
-mkdir -p "$OUT" "$WORK/rows" "$WORK/logs"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-python3 -c "import pydantic, scipy, fl_core.engine; print('pydantic', pydantic.VERSION)" || exit 1
+source "$(dirname "$0")/device_common.sh"
+device_prelude
 
 job() {  # algorithm/scenario
   local a=${1%/*} s=${1#*/} left=$((END - $(date +%s))) sets=()
@@ -37,14 +33,4 @@ job() {  # algorithm/scenario
 }
 export -f job
 printf '%s\n' ${JOBS:?name the runs: JOBS="fedavg/pat fedavg/dir ..."} | xargs -P "$PARALLEL" -I{} bash -c 'job {}'
-python3 - "$WORK/rows" "$OUT/rows.json" <<'EOF'
-import json, sys
-from pathlib import Path
-rows = [r for f in sorted(Path(sys.argv[1]).glob("*.json")) for r in json.loads(f.read_text())]
-Path(sys.argv[2]).write_text(json.dumps(rows, indent=2))
-for r in rows:
-    print(f"{r['algorithm']:10s} {r['scenario']:4s} {r['rounds']:3d} rounds  "
-          f"best {100 * r['best_test_acc']:.2f} ({r['best_round']})  {r['seconds_per_round']:.1f} s/round")
-EOF
-# the per-round metrics of every run (also of one killed before its row was written) and the logs
-tar czf "$OUT/logs.tgz" -C "$WORK" logs $(cd "$WORK" && find runs -name metrics.jsonl)
+device_collect scenario
