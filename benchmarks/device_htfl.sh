@@ -5,7 +5,7 @@
 # it ran). Rows land in $OUT/rows.json; merge them here with
 #     python benchmarks/reproduce_htfl.py --merge <dir>/rows.json
 # Variables: OUT (results folder), CPU4 and HTFE8 (algorithms for HtFE-img-cpu-4 and
-# HtFE-img-8), BUDGET_CPU4 and BUDGET_HTFE8 (seconds of training each), ROUNDS (default 20),
+# HtFE-img-8; empty: none), BUDGET_CPU4 and BUDGET_HTFE8 (seconds of training each), ROUNDS (default 20),
 # GRACE (seconds a job may run past its budget before it is killed, default 120), DEVICE
 # (default cuda), EXTRA (more "key=value" overrides, space-separated).
 # Data: Fashion-MNIST's four IDX files in $KTL_DATA_ROOT (default ./.data/fashion_mnist).
@@ -14,8 +14,8 @@ OUT=${OUT:-/tmp/htfl_device}
 ROUNDS=${ROUNDS:-20}
 BUDGET_CPU4=${BUDGET_CPU4:-400}
 BUDGET_HTFE8=${BUDGET_HTFE8:-330}
-CPU4=${CPU4:-"fd fedgen fedgh fedkd fedl2g fedmrl fedproto fedtgp fml lg-fedavg local"}
-HTFE8=${HTFE8:-"fedproto fedtgp local"}
+CPU4=${CPU4-"fd fedgen fedgh fedkd fedl2g fedmrl fedproto fedtgp fml lg-fedavg local"}
+HTFE8=${HTFE8-"fedproto fedtgp local"}
 DEVICE=${DEVICE:-cuda}
 SETS=()
 for o in ${EXTRA:-}; do SETS+=(--set "$o"); done
