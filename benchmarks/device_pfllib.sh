@@ -6,14 +6,14 @@
 # Rows land in $OUT/rows.json; merge them here with
 #     python benchmarks/reproduce_pfllib.py --merge <dir>/rows.json
 # Variables: OUT (results folder), JOBS ("algorithm/scenario" items, in the order to run),
-# BUDGET (seconds from the start, default 540), PARALLEL (default 15), MIN_START (default 150),
+# BUDGET (seconds from the start, default 540), PARALLEL (default 8: more only slow each run, benchmarks/results/shared_gpu.md), MIN_START (default 150),
 # ROUNDS (default 20), DEVICE (default cuda), EXTRA (more "key=value" overrides).
 # Data: Fashion-MNIST's four IDX files in $KTL_DATA_ROOT (default ./.data/fashion_mnist).
 set -u
 OUT=${OUT:-/tmp/pfllib_device}
 ROUNDS=${ROUNDS:-20}
 BUDGET=${BUDGET:-540}
-PARALLEL=${PARALLEL:-15}
+PARALLEL=${PARALLEL:-8}
 MIN_START=${MIN_START:-150}
 DEVICE=${DEVICE:-cuda}
 export END=$(($(date +%s) + BUDGET)) ROUNDS DEVICE MIN_START EXTRA=${EXTRA:-}

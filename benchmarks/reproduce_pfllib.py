@@ -69,11 +69,19 @@ NOTES = [
     "T-shirt, the hardest two classes of Fashion-MNIST, on 4 of the 20 clients, which holds a "
     "personalized method near 96.6% however long it trains (FedPer from round 8 on). They are "
     "kept as measured; the protocol's `pat` rows are those without the mark.",
-    "- Rows `on` H200 ran 15 at a time on one GPU machine of 16 cores "
-    "(`benchmarks/device_pfllib.sh`), most for less than the 20 rounds (a time budget). Their "
-    "seconds per round are those of that crowd: FedAvg's 32 s is about 3x what one process "
-    "alone takes there (scaled from 8,000 samples), FedRep's 470 s (11 epochs a round) about 8x "
-    "(`benchmarks/results/shared_gpu.md`).",
+    "- Rows `on` H200 ran on one GPU machine of 16 cores, one process per row "
+    "(`benchmarks/device_pfllib.sh`), under a time budget (fewer rounds than 20 where it ran "
+    "out). Those dated 2026-11-26 ran 15 at a time, and their seconds per round are those of "
+    "that crowd (FedAvg 32 s, FedRep 470 s); those dated 2026-11-27 ran 8 at a time, where "
+    "FedAvg took 11.1 s a round, what one process alone takes there (scaled from 8,000 "
+    "samples, `benchmarks/results/shared_gpu.md`), with the GPU busy in 95-99% of the samples "
+    "of `nvidia-smi` and a load average of about 7.5: 8 processes fill the GPU's time slices, "
+    "15 only make each slower. On that machine FedALA (249 s a round over its first two "
+    "rounds, which include ALA's training to convergence) and APFL (129 s, round 1) were far "
+    "slower than FedAvg-like rows (11-15 s); not investigated.",
+    "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
+    "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
+    "the rest ran with it.",
 ]
 SCENARIOS = {
     "pat": {"data.partition": "pat", "data.classes_per_client": 2},
@@ -180,7 +188,24 @@ def write_table(rows: list[dict]) -> None:
         "| up MB/round | down MB/round | on |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["scenario"], r["algorithm"])):
+    longest: dict[tuple, dict] = {}  # a shorter run of the same setting leaves the table
+    for r in rows:
+        k = (r["algorithm"], r["scenario"], tuple(r["overrides"]))
+        if k not in longest or r["rounds"] > longest[k]["rounds"]:
+            longest[k] = r
+    shown = sorted(longest.values(), key=lambda r: (r["scenario"], r["algorithm"]))
+    done = {
+        (r["algorithm"], r["scenario"])
+        for r in shown
+        if r["rounds"] >= 20 and not r["overrides"] and r["algorithm"] in PUBLISHED
+    }
+    lines[-2:-2] = [
+        f"Complete (20 rounds, protocol settings): {len(done)} of {2 * len(PUBLISHED)} "
+        "(algorithm, scenario) pairs with a PFLlib figure. Where one setting ran several times "
+        "the row of the most rounds is shown (all rows stay in the JSON).",
+        "",
+    ]
+    for r in shown:
         pub = PUBLISHED.get(r["algorithm"])
         ref = pub[0 if r["scenario"] == "pat" else 1] if pub else None
         best = 100 * r["best_test_acc"]
@@ -190,7 +215,7 @@ def write_table(rows: list[dict]) -> None:
             f"{'' if ref is None else f'{ref:.2f}'} | "
             f"{'' if ref is None else f'{best - ref:+.2f}'} | {100 * r['final_test_acc']:.2f} | "
             f"{r['seconds_per_round']:.1f} | {r['bytes_up_per_round'] / 1e6:.2f} | "
-            f"{r['bytes_down_per_round'] / 1e6:.2f} | {device_label(r)} |"
+            f"{r['bytes_down_per_round'] / 1e6:.2f} | {device_label(r)} {r.get('date', '')} |"
         )
     lines += ["", *NOTES]
     ROWS.with_suffix(".md").write_text("\n".join(lines) + "\n")
