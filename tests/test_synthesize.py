@@ -35,6 +35,7 @@ from ktl.synthesize.accountant import (  # noqa: E402
     gaussian_epsilon,
     gaussian_sigma,
     gdp_epsilon,
+    laplace_epsilon,
     plan_pcevolve,
     plan_pe,
     rdp_to_dp,
@@ -45,6 +46,7 @@ from ktl.synthesize.mechanisms import (  # noqa: E402
     kmeans,
     pcevolve_utility,
     pe_histogram,
+    pe_select,
     spread_over_members,
 )
 from ktl.synthesize.private import animal_split, load_dataset_split  # noqa: E402
@@ -138,6 +140,53 @@ def test_budget_errors_name_the_field_and_what_fits() -> None:
         plan_pcevolve(1.0, 1e-5, iterations=2, classes=2, draws_per_class=1, epsilon_per_draw=1.0)
     plan = plan_pe(math.inf, 1e-5, iterations=3)
     assert plan.noise_multiplier == 0 and math.isinf(plan.epsilon_spent)
+
+
+def test_laplace_composition_matches_dp_accounting_pld() -> None:
+    """T Laplace mechanisms (L1 sensitivity 1, scale b): Google's dp_accounting PLD accountant
+    (numerical) and our basic composition T/b agree at a tiny delta (pure DP), and ours is
+    never below theirs at delta = 1e-5."""
+    pytest.importorskip("dp_accounting")
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    for steps, scale in [(1, 0.1), (1, 0.5), (3, 0.3), (5, 2.0)]:
+        pld = pld_privacy_accountant.PLDAccountant()
+        pld.compose(dp_accounting.LaplaceDpEvent(noise_multiplier=scale), steps)
+        ours = laplace_epsilon(scale, steps)
+        assert ours == pytest.approx(steps / scale)
+        assert ours == pytest.approx(pld.get_epsilon(1e-12), rel=1e-3)
+        assert ours >= pld.get_epsilon(1e-5) - 1e-6
+
+
+def test_pe_laplace_plan_scale_sensitivity_and_refusals() -> None:
+    # T = 2 iterations, nearest 4 (votes of 1/2, L1 sensitivity 2) within epsilon 8: b = 0.5
+    plan = plan_pe(8.0, 1e-5, iterations=2, noise="laplace", nearest=4)
+    assert plan.noise_multiplier == pytest.approx(0.5) and plan.sensitivity == pytest.approx(2)
+    assert plan.epsilon_spent == pytest.approx(8.0) and plan.delta_spent == 0.0
+    assert plan.spent_after(1, 2) == pytest.approx(4.0)
+    # pure DP: delta = 0 is fine for laplace (not for gaussian)
+    assert plan_pe(1.0, 0.0, iterations=1, noise="laplace").noise_multiplier == pytest.approx(1)
+    with pytest.raises(BudgetError, match=r"\(laplace\).*at least 2 fits"):
+        plan_pe(1.0, 1e-5, iterations=2, noise="laplace", noise_multiplier=1.5)
+    with pytest.raises(BudgetError, match="mechanism.noise must be"):
+        plan_pe(1.0, 1e-5, iterations=2, noise="uniform")
+    assert plan_pe(math.inf, 1e-5, iterations=3, noise="laplace").noise_multiplier == 0
+
+
+def test_pe_select_noise_follows_its_distribution() -> None:
+    """The noisy histogram minus the true one is Laplace(0, b) (or N(0, sigma^2)):
+    Kolmogorov-Smirnov against the theoretical distribution over 20,000 bins."""
+    from scipy.stats import kstest
+
+    histogram = np.zeros(20_000)
+    histogram[::7] = 1.0
+    for noise, dist in [("laplace", "laplace"), ("gaussian", "norm")]:
+        _, noisy = pe_select(histogram, 0.3, 0.5, 10, np.random.default_rng(1), noise)
+        assert kstest(noisy - histogram, dist, args=(0.0, 0.3)).pvalue > 0.01
+        # and not the other one
+        other = "norm" if dist == "laplace" else "laplace"
+        assert kstest(noisy - histogram, other, args=(0.0, 0.3)).pvalue < 1e-6
 
 
 # ----------------------------------------------------------------------------- mechanisms

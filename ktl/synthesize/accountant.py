@@ -12,6 +12,11 @@ parameters of each mechanism, and back to the budget a run actually spends.
   iteration is one Gaussian mechanism with sensitivity 1 and noise ``sigma``. ``T`` of them are
   ``mu``-GDP with ``mu = sqrt(T) / sigma`` (Dong, Roth & Su 2022), converted exactly:
   ``delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)``.
+* ``pe`` with ``noise: laplace`` adds Laplace noise of scale ``b`` instead. A private image's
+  vote vector has L1 norm ``sqrt(k)`` (``k`` = ``nearest`` votes of ``1/sqrt(k)``), so an
+  iteration is pure ``sqrt(k)/b``-DP and ``T`` of them ``T sqrt(k)/b``-DP (basic composition,
+  exact for pure DP; delta spent 0). With few iterations and a large epsilon this is far less
+  noise than the Gaussian mechanism needs: at (10, 1e-5) and T = 1, b = 0.1 against sigma = 0.5.
 
 Class sizes of the private data are treated as public (the number of shots per class).
 """
@@ -154,6 +159,28 @@ def gaussian_sigma(epsilon: float, delta: float, steps: int) -> float:
     return math.sqrt(steps) / mu
 
 
+# ----------------------------------------------------------------------------- Laplace
+
+
+def laplace_epsilon(scale: float, steps: int, sensitivity: float = 1.0) -> float:
+    """Total epsilon (pure DP) of ``steps`` Laplace mechanisms of L1 ``sensitivity`` and noise
+    ``scale``: ``steps * sensitivity / scale`` (basic composition)."""
+    if steps == 0:
+        return 0.0
+    if scale == 0:
+        return math.inf
+    return steps * sensitivity / scale
+
+
+def laplace_scale(epsilon: float, steps: int, sensitivity: float = 1.0) -> float:
+    """Smallest Laplace scale with ``steps`` mechanisms within pure ``epsilon``-DP."""
+    if steps < 1:
+        raise BudgetError(f"the run releases no histogram (iterations = {steps})")
+    if math.isinf(epsilon):
+        return 0.0
+    return steps * sensitivity / epsilon
+
+
 # ----------------------------------------------------------------------------- the ledger
 
 
@@ -167,8 +194,11 @@ class PrivacyPlan:
     accountant: str
     steps: int  # EM draws (pcevolve) or noisy histograms (pe)
     epsilon_per_draw: float | None = None  # pcevolve
-    noise_multiplier: float | None = None  # pe
+    noise_multiplier: float | None = None  # pe: sigma (gaussian) or the scale b (laplace)
+    noise: str | None = None  # pe: gaussian | laplace
+    sensitivity: float = 1.0  # pe with laplace: L1 sensitivity of one image's votes
     epsilon_spent: float = 0.0
+    delta_spent: float | None = None
 
     def spent_after(self, iteration: int, iterations: int) -> float:
         """Epsilon spent once ``iteration`` of ``iterations`` selections are released."""
@@ -177,6 +207,8 @@ class PrivacyPlan:
             assert self.epsilon_per_draw is not None
             return exponential_epsilon(self.epsilon_per_draw, steps, self.delta)
         assert self.noise_multiplier is not None
+        if self.noise == "laplace":
+            return laplace_epsilon(self.noise_multiplier, steps, self.sensitivity)
         return gaussian_epsilon(self.noise_multiplier, steps, self.delta)
 
     def to_dict(self) -> dict:
@@ -231,32 +263,59 @@ def plan_pcevolve(
 
 
 def plan_pe(
-    epsilon: float, delta: float, *, iterations: int, noise_multiplier: float | None = None
+    epsilon: float,
+    delta: float,
+    *,
+    iterations: int,
+    noise_multiplier: float | None = None,
+    noise: str = "gaussian",
+    nearest: int = 1,
 ) -> PrivacyPlan:
-    """Noise for Private Evolution's Gaussian histograms; with ``noise_multiplier`` given,
-    check it fits the budget instead (and refuse, saying what would fit, if it does not)."""
+    """Noise for Private Evolution's histograms (Gaussian, or Laplace with ``noise='laplace'``);
+    with ``noise_multiplier`` given, check it fits the budget instead (and refuse, saying what
+    would fit, if it does not)."""
     epsilon, delta = check_budget(epsilon, delta)
-    needed = gaussian_sigma(epsilon, delta, iterations)
+    if noise not in ("gaussian", "laplace"):
+        raise BudgetError(f"mechanism.noise must be 'gaussian' or 'laplace', got {noise!r}")
+    laplace = noise == "laplace"
+    sensitivity = math.sqrt(nearest) if laplace else 1.0
+    if laplace:
+        needed = laplace_scale(epsilon, iterations, sensitivity)
+    else:
+        needed = gaussian_sigma(epsilon, delta, iterations)
+
+    def spend(scale: float) -> float:
+        if laplace:
+            return laplace_epsilon(scale, iterations, sensitivity)
+        return gaussian_epsilon(scale, iterations, delta)
+
     if noise_multiplier is None:
-        sigma = needed
+        scale = needed
     else:
         if not noise_multiplier >= 0:
             raise BudgetError(f"mechanism.noise_multiplier must be >= 0, got {noise_multiplier!r}")
-        sigma = float(noise_multiplier)
-        spent = gaussian_epsilon(sigma, iterations, delta)
+        scale = float(noise_multiplier)
+        spent = spend(scale)
         if spent > epsilon * (1 + 1e-9):
             raise BudgetError(
-                f"mechanism.noise_multiplier = {sigma:g} over {iterations} iterations spends "
-                f"epsilon = {spent:.4g} > privacy.epsilon = {epsilon:g} (delta = {delta:g}); "
-                f"a noise multiplier of at least {needed:.4g} fits"
+                f"mechanism.noise_multiplier = {scale:g} ({noise}) over {iterations} iterations "
+                f"spends epsilon = {spent:.4g} > privacy.epsilon = {epsilon:g} (delta = "
+                f"{delta:g}); a noise multiplier of at least {needed:.4g} fits"
             )
     plan = PrivacyPlan(
         mechanism="pe",
         epsilon=epsilon,
         delta=delta,
-        accountant="Gaussian DP (mu = sqrt(T)/sigma), exact conversion to (epsilon, delta)",
+        accountant=(
+            "Laplace mechanism, L1 sensitivity sqrt(nearest), pure epsilon-DP, basic composition"
+            if laplace
+            else "Gaussian DP (mu = sqrt(T)/sigma), exact conversion to (epsilon, delta)"
+        ),
         steps=iterations,
-        noise_multiplier=sigma,
+        noise_multiplier=scale,
+        noise=noise,
+        sensitivity=sensitivity,
     )
-    plan.epsilon_spent = gaussian_epsilon(sigma, iterations, delta)
+    plan.epsilon_spent = spend(scale)
+    plan.delta_spent = 0.0 if laplace else delta
     return plan

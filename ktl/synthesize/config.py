@@ -62,7 +62,7 @@ class MechanismSection(_Strict):
         None,
         ge=0,
         description="pe: histogram threshold H (default: the noise multiplier sigma; 2 sigma "
-        "with cluster_size)",
+        "with cluster_size; laplace: half a vote plus 1.5 scales)",
     )
     lookahead: int = Field(0, ge=0, description="pe: embed a candidate as the mean of k variations")
     cluster_size: int = Field(
@@ -71,8 +71,13 @@ class MechanismSection(_Strict):
         description="pe: vote for k-means clusters of about this many candidates instead of "
         "single candidates (0: single candidates)",
     )
+    noise: Literal["gaussian", "laplace"] = Field(
+        "gaussian",
+        description="pe: the histogram's noise; laplace is pure DP with scale T*sqrt(nearest)/"
+        "epsilon, far less noise than gaussian at few iterations and epsilon of about 5 or more",
+    )
     noise_multiplier: float | None = Field(
-        None, description="pe: fix sigma (checked against the budget)"
+        None, description="pe: fix sigma, or the laplace scale (checked against the budget)"
     )
 
 

@@ -8,8 +8,8 @@ private side; the next generation is drawn from them.
   utility in [0, 1] from its distance to the private class centre, after a contrastive filter
   and a calibrated similarity ``exp(tau * score)``; the exponential mechanism draws from it.
 * :func:`pe_histogram` + :func:`pe_select` (Private Evolution): each private image votes for
-  its nearest candidates (a vote vector of L2 norm 1), Gaussian noise is added, the histogram is
-  thresholded, and candidates are drawn in proportion to what is left. With
+  its nearest candidates (a vote vector of L2 norm 1), Gaussian (or Laplace) noise is added, the
+  histogram is thresholded, and candidates are drawn in proportion to what is left. With
   :func:`kmeans`, the votes go to clusters of candidates instead (the clustering sees only the
   public candidates) and :func:`spread_over_members` turns the cluster counts into candidate
   counts.
@@ -111,11 +111,17 @@ def pe_select(
     threshold: float,
     draws: int,
     rng: np.random.Generator,
+    noise: str = "gaussian",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy histogram ``h + N(0, sigma^2)``, clipped at ``threshold`` (``max(h - H, 0)``), then
-    ``draws`` candidates drawn in proportion to it (uniformly if nothing is left). Returns
-    (counts, the noisy histogram); both are safe to release."""
-    noisy = histogram + (rng.normal(0.0, sigma, size=histogram.shape) if sigma > 0 else 0.0)
+    """Noisy histogram ``h + N(0, sigma^2)`` (or ``h + Laplace(0, sigma)`` with ``noise =
+    'laplace'``), clipped at ``threshold`` (``max(h - H, 0)``), then ``draws`` candidates drawn
+    in proportion to it (uniformly if nothing is left). Returns (counts, the noisy histogram);
+    both are safe to release."""
+    if sigma > 0:
+        draw = rng.laplace if noise == "laplace" else rng.normal
+        noisy = histogram + draw(0.0, sigma, size=histogram.shape)
+    else:
+        noisy = histogram + 0.0
     clipped = np.maximum(noisy - threshold, 0.0)
     total = clipped.sum()
     p = clipped / total if total > 0 else np.full(len(clipped), 1.0 / len(clipped))

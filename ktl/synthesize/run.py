@@ -107,6 +107,8 @@ def make_plan(config: SynthesisConfig, num_classes: int) -> PrivacyPlan:
         config.privacy.delta,
         iterations=m.iterations,
         noise_multiplier=m.noise_multiplier,
+        noise=m.noise,
+        nearest=m.nearest,
     )
 
 
@@ -206,25 +208,36 @@ class Synthesizer:
             emb = torch.stack(views).mean(0)
         own = self.private_embeddings[self.private.labels == c]
         sigma = self.plan.noise_multiplier
-        if m.cluster_size > 0:
+        if m.threshold is not None:
+            threshold = m.threshold
+        elif m.noise == "laplace":
+            # half of one image's vote, plus 1.5 noise scales: an empty bin passes with
+            # probability exp(-1.5 - vote/(2b))/2 (at most 11%; 0.08% at b = 0.1 with one vote)
+            threshold = 0.5 / math.sqrt(m.nearest) + 1.5 * sigma
+        elif m.cluster_size > 0:
             # over clusters the default threshold is 2 sigma (measured better than sigma at
-            # epsilon 5 and 10, docs/synthesize.md); the threshold is post-processing
-            threshold = 2 * sigma if m.threshold is None else m.threshold
+            # epsilon 5 and 10, docs/synthesize.md)
+            threshold = 2 * sigma
+        else:
+            threshold = sigma
+        # the threshold is post-processing of the noisy histogram: it costs no privacy
+        if m.cluster_size > 0:
             # the clusters are a function of the public candidates only; each private image
             # still votes with one L2-norm-1 vector, now over the clusters
             k = max(1, round(emb.shape[0] / m.cluster_size))
             centroids = kmeans(emb, k, seed=self.config.seed)
             assign = torch.cdist(emb.double(), centroids).argmin(1).numpy()
             histogram = pe_histogram(centroids, own, m.nearest)
-            cluster_counts, noisy = pe_select(histogram, sigma, threshold, m.select, self.rng)
+            cluster_counts, noisy = pe_select(
+                histogram, sigma, threshold, m.select, self.rng, m.noise
+            )
             counts = spread_over_members(cluster_counts, assign, self.rng)
             return counts, {
                 "clusters": int(centroids.shape[0]),
                 "noisy_votes_above_threshold": int((noisy > threshold).sum()),
             }
-        threshold = sigma if m.threshold is None else m.threshold
         histogram = pe_histogram(emb, own, m.nearest)
-        counts, noisy = pe_select(histogram, sigma, threshold, m.select, self.rng)
+        counts, noisy = pe_select(histogram, sigma, threshold, m.select, self.rng, m.noise)
         return counts, {"noisy_votes_above_threshold": int((noisy > threshold).sum())}
 
     # ------------------------------------------------------------------ the loop
