@@ -44,7 +44,6 @@ from ktl.synthesize.mechanisms import (  # noqa: E402
     exponential_mechanism,
     exponential_probabilities,
     kmeans,
-    lend_to_neighbours,
     pcevolve_utility,
     pe_histogram,
     pe_select,
@@ -271,24 +270,6 @@ def test_pe_cluster_votes_keep_sensitivity_one_and_reach_members() -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def test_lending_follows_voronoi_cells_of_the_selected_clusters() -> None:
-    # six clusters on a line at 0, 1, 2, 10, 11, 13; class 0 selected 0 (weight 2), class 1
-    # selected 10 (weight 1) and nobody selected the rest
-    centroids = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [13.0]])
-    w = np.zeros((2, 6))
-    w[0, 0], w[1, 3] = 2.0, 1.0
-    lent = lend_to_neighbours(w, centroids, propagate=1)
-    assert lent[0].tolist() == [2, 2, 0, 0, 0, 0] and lent[1].tolist() == [0, 0, 0, 1, 1, 0]
-    lent = lend_to_neighbours(w, centroids, propagate=5)
-    # the cell of 0 holds 1 and 2; the cell of 10 holds 11 and 13
-    assert lent[0].tolist() == [2, 2, 2, 0, 0, 0] and lent[1].tolist() == [0, 0, 0, 1, 1, 1]
-    # a cluster both classes selected lends both weights; propagate 0 changes nothing
-    w[1, 0] = 0.5
-    assert lend_to_neighbours(w, centroids, 1)[:, 1].tolist() == [2.0, 0.5]
-    assert np.array_equal(lend_to_neighbours(w, centroids, 0), w)
-    assert np.array_equal(lend_to_neighbours(np.zeros((2, 6)), centroids, 3), np.zeros((2, 6)))
-
-
 def test_animal_test_split_is_the_one_the_builtin_generator_held_out() -> None:
     spec = importlib.util.spec_from_file_location(
         "train_builtin", ROOT / "scripts" / "train_builtin_generator.py"
@@ -369,27 +350,6 @@ def test_pe_with_cluster_votes_runs_within_budget(gen, private_dir) -> None:
     assert a.plan.epsilon_spent == pytest.approx(4.0, rel=1e-6)
     assert a.history[0]["classes"][0]["clusters"] == 6  # round 1: 2 classes x 6 shared, / 2
     assert a.history[1]["classes"][0]["clusters"] == 3
-
-
-def test_pe_laplace_with_lending_runs_within_budget_and_lends(gen, private_dir) -> None:
-    mech = {
-        "name": "pe",
-        "iterations": 1,
-        "population": 8,
-        "select": 6,
-        "cluster_size": 2,
-        "propagate": 2,
-        "noise": "laplace",
-    }
-    cfg = build_config(_config(private_dir, mechanism=mech, privacy={"epsilon": 20.0}))
-    a = synthesize(cfg, generator=gen)
-    assert torch.equal(a.images, synthesize(cfg, generator=gen).images)
-    assert a.plan.noise_multiplier == pytest.approx(0.05) and a.plan.delta_spent == 0.0
-    info = a.history[0]["classes"]
-    # 2 classes x 8 shared candidates in 8 clusters; 3 shots per class select at most 3 each
-    assert all(c["clusters"] == 8 and 1 <= c["noisy_votes_above_threshold"] <= 3 for c in info)
-    assert sum(c["clusters_lent"] for c in info) >= 1
-    assert a.labels.tolist() == [0] * 4 + [1] * 4
 
 
 def test_export_is_read_by_imagefolder_with_checksums(gen, private_dir, tmp_path) -> None:

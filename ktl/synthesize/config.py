@@ -71,13 +71,6 @@ class MechanismSection(_Strict):
         description="pe: vote for k-means clusters of about this many candidates instead of "
         "single candidates (0: single candidates)",
     )
-    propagate: int = Field(
-        0,
-        ge=0,
-        description="pe with cluster_size, over the shared first pool: each selected cluster "
-        "also lends its class to up to this many unselected clusters nearest to it (nearer to "
-        "it than to any other selected cluster); post-processing, no privacy cost",
-    )
     noise: Literal["gaussian", "laplace"] = Field(
         "gaussian",
         description="pe: the histogram's noise; laplace is pure DP with scale T*sqrt(nearest)/"

@@ -12,8 +12,7 @@ private side; the next generation is drawn from them.
   histogram is thresholded, and candidates are drawn in proportion to what is left. With
   :func:`kmeans`, the votes go to clusters of candidates instead (the clustering sees only the
   public candidates) and :func:`spread_over_members` turns the cluster counts into candidate
-  counts; :func:`lend_to_neighbours` extends the selected clusters to unselected neighbours
-  (post-processing of the released histograms).
+  counts.
 """
 
 from __future__ import annotations
@@ -165,24 +164,3 @@ def spread_over_members(
         picks = np.concatenate([order] * (n // len(order)) + [order[: n % len(order)]])
         np.add.at(counts, picks, 1)
     return counts
-
-
-def lend_to_neighbours(weights: np.ndarray, centroids: torch.Tensor, propagate: int) -> np.ndarray:
-    """Extend each class's selected clusters to unselected ones (label propagation over the
-    public centroids). ``weights`` (classes, clusters) are the thresholded noisy histograms; a
-    cluster is selected if any class gives it weight. Every unselected cluster belongs to the
-    Voronoi cell of its nearest selected centroid; each selected cluster lends its column of
-    weights to the ``propagate`` nearest clusters of its cell. Returns the extended weights.
-    A function of released values and public centroids only: no privacy cost."""
-    lent = np.array(weights, dtype=np.float64, copy=True)
-    selected = np.flatnonzero(lent.sum(0) > 0)
-    free = np.setdiff1d(np.arange(lent.shape[1]), selected)
-    if propagate <= 0 or len(selected) == 0 or len(free) == 0:
-        return lent
-    d = torch.cdist(centroids[free].double(), centroids[selected].double()).numpy()
-    owner = d.argmin(1)
-    for j, s in enumerate(selected):
-        cell = np.flatnonzero(owner == j)
-        cell = cell[np.argsort(d[cell, j], kind="stable")][:propagate]
-        lent[:, free[cell]] = lent[:, [s]]
-    return lent

@@ -19,7 +19,6 @@ from ktl.synthesize.mechanisms import (
     class_centres,
     exponential_mechanism,
     kmeans,
-    lend_to_neighbours,
     pcevolve_utility,
     pe_histogram,
     pe_select,
@@ -187,65 +186,6 @@ class Synthesizer:
 
     # ------------------------------------------------------------------ selection
 
-    def threshold(self) -> float:
-        """The PE histogram threshold H (post-processing of the noisy histogram: no privacy
-        cost)."""
-        m, sigma = self.config.mechanism, self.plan.noise_multiplier
-        if m.threshold is not None:
-            return m.threshold
-        if m.noise == "laplace":
-            # half of one image's vote, plus 1.5 noise scales: an empty bin passes with
-            # probability exp(-1.5 - vote/(2b))/2 (at most 11%; 0.08% at b = 0.1 with one vote)
-            return 0.5 / math.sqrt(m.nearest) + 1.5 * sigma
-        if m.cluster_size > 0:
-            # over clusters the default threshold is 2 sigma (measured better than sigma at
-            # epsilon 5 and 10, docs/synthesize.md)
-            return 2 * sigma
-        return sigma
-
-    def _clusters(self, emb: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """k-means of the candidates' embeddings (public): centroids and each one's cluster."""
-        k = max(1, round(emb.shape[0] / self.config.mechanism.cluster_size))
-        centroids = kmeans(emb, k, seed=self.config.seed)
-        return centroids, torch.cdist(emb.double(), centroids).argmin(1).numpy()
-
-    def select_shared(self, pool: Population) -> tuple[list[np.ndarray], list[dict]]:
-        """PE over clusters of one pool all classes share, with ``propagate``: every class's
-        noisy histogram over the same clusters first, then each selected cluster lends its class
-        (and its weight) to up to ``propagate`` unselected clusters of its own Voronoi cell
-        among the selected clusters, nearest first; then each class's draws. Everything after
-        the noisy histograms is post-processing."""
-        m = self.config.mechanism
-        emb = self.embedding(pool.images)
-        centroids, assign = self._clusters(emb)
-        sigma, threshold = self.plan.noise_multiplier, self.threshold()
-        weights = []
-        for c in range(self.num_classes):
-            own = self.private_embeddings[self.private.labels == c]
-            histogram = pe_histogram(centroids, own, m.nearest)
-            _, noisy = pe_select(histogram, sigma, threshold, 0, self.rng, m.noise)
-            weights.append(np.maximum(noisy - threshold, 0.0))
-        w = np.stack(weights)  # (classes, clusters)
-        lent = lend_to_neighbours(w, centroids, m.propagate)
-        counts, info = [], []
-        for c in range(self.num_classes):
-            total = lent[c].sum()
-            if total > 0:
-                p = lent[c] / total
-            else:
-                p = np.full(len(lent[c]), 1.0 / len(lent[c]))
-            picks = self.rng.choice(len(p), size=m.select, replace=True, p=p)
-            cluster_counts = np.bincount(picks, minlength=len(p))
-            counts.append(spread_over_members(cluster_counts, assign, self.rng))
-            info.append(
-                {
-                    "clusters": int(centroids.shape[0]),
-                    "noisy_votes_above_threshold": int((w[c] > 0).sum()),
-                    "clusters_lent": int(((lent[c] > 0) & (w[c] == 0)).sum()),
-                }
-            )
-        return counts, info
-
     def select(self, c: int, population: Population, strength: float) -> tuple[np.ndarray, dict]:
         m = self.config.mechanism
         emb = self.embedding(population.images)
@@ -268,12 +208,25 @@ class Synthesizer:
             emb = torch.stack(views).mean(0)
         own = self.private_embeddings[self.private.labels == c]
         sigma = self.plan.noise_multiplier
-        threshold = self.threshold()
+        if m.threshold is not None:
+            threshold = m.threshold
+        elif m.noise == "laplace":
+            # half of one image's vote, plus 1.5 noise scales: an empty bin passes with
+            # probability exp(-1.5 - vote/(2b))/2 (at most 11%; 0.08% at b = 0.1 with one vote)
+            threshold = 0.5 / math.sqrt(m.nearest) + 1.5 * sigma
+        elif m.cluster_size > 0:
+            # over clusters the default threshold is 2 sigma (measured better than sigma at
+            # epsilon 5 and 10, docs/synthesize.md)
+            threshold = 2 * sigma
+        else:
+            threshold = sigma
         # the threshold is post-processing of the noisy histogram: it costs no privacy
         if m.cluster_size > 0:
             # the clusters are a function of the public candidates only; each private image
             # still votes with one L2-norm-1 vector, now over the clusters
-            centroids, assign = self._clusters(emb)
+            k = max(1, round(emb.shape[0] / m.cluster_size))
+            centroids = kmeans(emb, k, seed=self.config.seed)
+            assign = torch.cdist(emb.double(), centroids).argmin(1).numpy()
             histogram = pe_histogram(centroids, own, m.nearest)
             cluster_counts, noisy = pe_select(
                 histogram, sigma, threshold, m.select, self.rng, m.noise
@@ -306,20 +259,8 @@ class Synthesizer:
             strength = strength_at(cfg, it)
             last = it == m.iterations
             info = []
-            shared = None
-            if (
-                m.name == "pe"
-                and m.cluster_size > 0
-                and m.propagate > 0
-                and m.lookahead == 0
-                and all(p is populations[0] for p in populations)
-            ):
-                shared = self.select_shared(populations[0])
             for c in range(self.num_classes):
-                if shared is not None:
-                    counts, details = shared[0][c], shared[1][c]
-                else:
-                    counts, details = self.select(c, populations[c], strength)
+                counts, details = self.select(c, populations[c], strength)
                 info.append(
                     {
                         "class": self.class_names[c],
