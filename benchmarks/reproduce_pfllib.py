@@ -79,6 +79,14 @@ NOTES = [
     "15 only make each slower. On that machine FedALA (249 s a round over its first two "
     "rounds, which include ALA's training to convergence) and APFL (129 s, round 1) were far "
     "slower than FedAvg-like rows (11-15 s); not investigated.",
+    "- FedDBE's gap (−28 dir, −16 pat at round 20) is one of rounds, as far as 20 rounds "
+    "show: its model is FedAvg's (PFLlib's FedAvg figure, 85.85 dir, is ours at 67.90 after "
+    "20 rounds), and its personal part is only a feature shift z_p that is trained with the "
+    "local model and kept, so the per-client logit bias W z_p it gives the averaged head grows "
+    "round by round. FedAvg → FedDBE test accuracy (8 at a time on the H200, 2026-11-27), pat: "
+    "round 2 44 → 56, 10 63 → 74, 20 68 → 84 (the lead grows from 11 to 16 points); dir: 4 "
+    "44 → 42, 10 59 → 54, 20 68 → 70 (behind while the mean regularisation, weight 50, pulls "
+    "the features, ahead from round 19). Not run past 20 rounds.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
