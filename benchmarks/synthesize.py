@@ -39,7 +39,11 @@ if str(REPO_ROOT) not in sys.path:
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 STORE = RESULTS / "synthesize.json"
 TABLE = RESULTS / "synthesize.md"
-CONFIGS = ["configs/synthesize_animal_pe.yaml", "configs/synthesize_animal.yaml"]
+CONFIGS = [
+    "configs/synthesize_animal_laplace.yaml",
+    "configs/synthesize_animal_pe.yaml",
+    "configs/synthesize_animal.yaml",
+]
 SETTINGS = {
     "animal": ([], "Animal-MNIST (in-domain)"),
     "fashion": (["private.dataset=fashion_mnist"], "Fashion-MNIST (cross-domain)"),
@@ -94,11 +98,12 @@ def write_table(rows: list[dict]) -> None:
         diff = [s - f for s, f in zip(syn, few, strict=True)]
         spread = f" ± {statistics.stdev(diff):.3f}" if len(diff) > 1 else ""
         r0 = g[0]
-        param = (
-            f"ε/draw {r0['epsilon_per_draw']:.4g}"
-            if r0["epsilon_per_draw"] is not None
-            else f"σ {r0['noise_multiplier']:.4g}"
-        )
+        if r0["epsilon_per_draw"] is not None:
+            param = f"ε/draw {r0['epsilon_per_draw']:.4g}"
+        elif r0.get("noise") == "laplace":
+            param = f"Laplace b {r0['noise_multiplier']:.4g}"
+        else:
+            param = f"σ {r0['noise_multiplier']:.4g}"
         lines.append(
             f"| {key[0]} | {SETTINGS[key[1]][1]} | {key[2]} | {fmt_eps(key[3])} | "
             f"{','.join(str(r['seed']) for r in g)} | {statistics.mean(syn):.3f} | "
@@ -152,10 +157,18 @@ def main(argv=None) -> None:
                         "seconds": round(time.perf_counter() - start, 1),
                         "epsilon_per_draw": plan.epsilon_per_draw,
                         "noise_multiplier": plan.noise_multiplier,
+                        "noise": plan.noise,
                         "machine": machine,
                         "date": time.strftime("%Y-%m-%d"),
                     }
-                    tmp = STORE.with_suffix(".json.tmp")
+                    # merge with rows another process may have written meanwhile
+                    if STORE.is_file():
+                        stored = json.loads(STORE.read_text())
+                        done = {
+                            **{k: v for k, v in stored.items() if "config" in v},
+                            key: done[key],
+                        }
+                    tmp = STORE.with_suffix(f".json.{os.getpid()}.tmp")
                     tmp.write_text(json.dumps(done, indent=1, default=str) + "\n")
                     tmp.replace(STORE)
                     write_table(list(done.values()))
