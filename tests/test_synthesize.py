@@ -555,6 +555,10 @@ def test_ready_config_loads_and_plans_within_budget() -> None:
     plan = make_plan(cfg, 10)
     assert cfg.mechanism.name == "pe" and cfg.mechanism.cluster_size > 0
     assert plan.epsilon_spent == pytest.approx(cfg.privacy.epsilon) and plan.noise_multiplier > 0
+    cfg = load_config(ROOT / "configs" / "synthesize_animal_laplace.yaml")
+    plan = make_plan(cfg, 10)
+    assert cfg.mechanism.noise == "laplace" and plan.delta_spent == 0.0
+    assert plan.noise_multiplier == pytest.approx(1 / cfg.privacy.epsilon)  # T = 1, nearest 1
 
 
 def test_cli_writes_the_dataset_and_reports_the_budget(tmp_path, private_dir) -> None:
