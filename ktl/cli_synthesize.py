@@ -83,7 +83,8 @@ def synthesize_command(
     plan = result.plan
     typer.echo(
         f"wrote {len(result.labels)} images in {len(result.class_names)} classes to {out}; "
-        f"privacy spent: epsilon {_eps(plan.epsilon_spent)}, delta {plan.delta:g} ({plan.accountant})"
+        f"privacy spent: epsilon {_eps(plan.epsilon_spent)}, delta "
+        f"{plan.delta if plan.delta_spent is None else plan.delta_spent:g} ({plan.accountant})"
     )
     evaluation = result.manifest.get("evaluation")
     if evaluation:

@@ -595,6 +595,12 @@ def test_cli_writes_the_dataset_and_reports_the_budget(tmp_path, private_dir) ->
         manifest["config"]["privacy"]["epsilon"] == 3.0
         and manifest["evaluation"]["heldout_images"] == 4
     )
+    # Laplace noise is pure DP: the CLI reports delta 0, not the budget's delta
+    laplace = ["--set", "mechanism.name=pe", "--set", "mechanism.noise=laplace"]
+    args = [a if a != str(out) else str(tmp_path / "lap") for a in args if a != "--evaluate"]
+    result = CliRunner().invoke(app, args + laplace)
+    assert result.exit_code == 0, result.output
+    assert "epsilon 3.000, delta 0 (Laplace mechanism" in " ".join(result.output.split())
 
 
 def test_prompt_conditioned_generator_uses_a_prompt_per_class(tmp_path, private_dir) -> None:
