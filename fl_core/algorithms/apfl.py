@@ -71,9 +71,10 @@ class APFLClient(PersonalModelClient):
         return float(self.apfl["alpha"])
 
     @torch.no_grad()
-    def mix(self) -> nn.Module:
-        """v̄ = alpha·v + (1 - alpha)·w, with v's buffers (BatchNorm statistics)."""
-        a = self.alpha
+    def mix(self, a: float | torch.Tensor | None = None) -> nn.Module:
+        """v̄ = alpha·v + (1 - alpha)·w, with v's buffers (BatchNorm statistics); ``a`` (a float
+        or a 0-dim tensor on the models' device) stands in for the stored alpha."""
+        a = self.alpha if a is None else a
         mixed = self._mix
         for m, v, w in zip(
             mixed.parameters(), self.personal.parameters(), self.model.parameters(), strict=True
@@ -100,8 +101,14 @@ class APFLClient(PersonalModelClient):
         v.train()
         opt_w = self.make_optimizer(list(w.parameters()))
         total, steps, samples = LossSum(), 0, 0
+        # alpha lives on the models' device during the steps, so that its gradient and update
+        # never wait for the accelerator (one float() per parameter per step did)
+        device = next(w.parameters()).device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        a = self.apfl["alpha"].to(device=device, dtype=dtype)
+        fixed = self.alpha
         for x, y in self.batches(epochs):
-            mixed = self.mix()
+            mixed = self.mix(a)
             mixed.train()
             mixed.zero_grad(set_to_none=True)
             personal_loss = nn.functional.cross_entropy(mixed(x), y)
@@ -110,25 +117,28 @@ class APFLClient(PersonalModelClient):
             loss = nn.functional.cross_entropy(w(x), y)
             loss.backward()
             with torch.no_grad():
-                a = self.alpha
-                grad_alpha = 0.0
+                inner = []
                 for p_v, p_w, p_m in zip(
                     v.parameters(), w.parameters(), mixed.parameters(), strict=True
                 ):
                     if p_m.grad is None:
                         continue
-                    grad_alpha += float(((p_v - p_w) * p_m.grad).sum())
-                    p_v.sub_(p_m.grad, alpha=lr * a)
+                    if hp.adaptive:
+                        inner.append(((p_v - p_w) * p_m.grad).sum().to(dtype))
+                        p_v.sub_(p_m.grad * (lr * a).to(p_m.grad.dtype))
+                    else:  # a fixed alpha: the plain step, which alpha = 1 makes Local's
+                        p_v.sub_(p_m.grad, alpha=lr * fixed)
                 for b_v, b_m in zip(v.buffers(), mixed.buffers(), strict=True):
                     b_v.copy_(b_m)
                 if hp.adaptive:
-                    grad_alpha += hp.alpha_decay * a
-                    new = min(max(a - alpha_lr * grad_alpha, 0.0), 1.0)
-                    self.apfl["alpha"] = torch.tensor(new, dtype=torch.float64)
+                    grad_alpha = torch.stack(inner).sum() if inner else torch.zeros_like(a)
+                    grad_alpha = grad_alpha + hp.alpha_decay * a
+                    a = (a - alpha_lr * grad_alpha).clamp(0.0, 1.0)
             opt_w.step()
             total.add(loss)
             steps += 1
             samples += int(y.shape[0])
+        self.apfl["alpha"] = a.detach().to(device="cpu", dtype=torch.float64)
         self._has_personal = True
         return TrainResult(total.mean(steps), steps, samples)
 
