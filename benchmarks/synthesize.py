@@ -40,6 +40,7 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 STORE = RESULTS / "synthesize.json"
 TABLE = RESULTS / "synthesize.md"
 CONFIGS = [
+    "configs/synthesize_animal_pool.yaml",
     "configs/synthesize_animal_laplace.yaml",
     "configs/synthesize_animal_pe.yaml",
     "configs/synthesize_animal.yaml",
@@ -47,6 +48,7 @@ CONFIGS = [
 SETTINGS = {
     "animal": ([], "Animal-MNIST (in-domain)"),
     "fashion": (["private.dataset=fashion_mnist"], "Fashion-MNIST (cross-domain)"),
+    "animal3": (["private.shots_per_class=3"], "Animal-MNIST, 3 shots (in-domain)"),
 }
 
 

@@ -44,6 +44,8 @@ from ktl.synthesize.mechanisms import (  # noqa: E402
     exponential_mechanism,
     exponential_probabilities,
     kmeans,
+    label_bins,
+    label_by_nearest_bin,
     pcevolve_utility,
     pe_histogram,
     pe_select,
@@ -267,6 +269,25 @@ def test_pe_cluster_votes_keep_sensitivity_one_and_reach_members() -> None:
     assert (counts > 0).sum() == min(5, len(members))  # distinct members first
 
 
+def test_label_bins_takes_the_top_passing_class_and_gives_every_class_a_bin() -> None:
+    noisy = np.array(
+        [
+            [2.0, 0.9, 0.0, 0.1, 0.0],  # class 0 passes bins 0 and 1
+            [0.0, 1.5, 0.2, 0.0, 0.0],  # class 1 passes bin 1, beating class 0 there
+            [0.1, 0.0, 0.3, 0.4, 0.0],  # class 2 passes nowhere: gets its best free bin, 3
+        ]
+    )
+    assert label_bins(noisy, 0.65).tolist() == [0, 1, -1, 2, -1]
+    # bin 2 stays unlabelled: nobody passes there and class 2 took its higher bin 3
+    points = torch.tensor([[0.0], [1.0], [2.9], [3.4], [10.0]])
+    bins = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    labels = label_by_nearest_bin(points, bins, label_bins(noisy, 0.65))
+    assert labels.tolist() == [0, 1, 2, 2, 2]  # 2.9 is nearest to bin 3 among labelled ones
+    assert label_by_nearest_bin(points, bins, np.full(5, -1)).tolist() == [-1] * 5
+    # fewer bins than classes: the class with the weaker best count goes without
+    assert label_bins(np.array([[0.2], [0.3]]), 1.0).tolist() == [1]
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -350,6 +371,55 @@ def test_pe_with_cluster_votes_runs_within_budget(gen, private_dir) -> None:
     assert a.plan.epsilon_spent == pytest.approx(4.0, rel=1e-6)
     assert a.history[0]["classes"][0]["clusters"] == 6  # round 1: 2 classes x 6 shared, / 2
     assert a.history[1]["classes"][0]["clusters"] == 3
+
+
+def test_pool_export_labels_the_shared_pool_by_the_votes(gen, private_dir) -> None:
+    from ktl.synthesize.embedding import load_embedding
+    from ktl.synthesize.private import read_image_folder
+
+    mech = {"name": "pe", "iterations": 1, "population": 6, "cluster_size": 2}
+    raw = _config(private_dir, mechanism=mech, export={"per_class": 4, "source": "pool"})
+    exact = synthesize(build_config({**raw, "privacy": {"epsilon": "inf"}}), generator=gen)
+    # the pool is round 1's shared prior sample: 2 classes x 6 candidates from the seed
+    pool = gen.synthesize(gen.sample_latents(12, torch.Generator().manual_seed(0)))
+    emb = load_embedding(None, None, gen)
+    e_pool = emb(pool)
+    shots = read_image_folder(private_dir, gen.resolution, gen.channels)
+    e_priv = emb(shots.images)
+    bins = kmeans(e_pool, 6, seed=0)
+    votes = np.stack([pe_histogram(bins, e_priv[shots.labels == c], 1) for c in range(2)])
+    expected = label_by_nearest_bin(e_pool, bins, label_bins(votes, 0.5))
+    assert set(expected.tolist()) == {0, 1}
+    for c in range(2):
+        out = exact.images[exact.labels == c]
+        members = pool[torch.from_numpy(expected == c)]
+        n_distinct = min(4, len(members))
+        # distinct pool candidates labelled c first, then variations of them
+        for img in out[:n_distinct]:
+            assert any(torch.equal(img, m) for m in members)
+        assert len({tuple(img.flatten().tolist()) for img in out[:n_distinct]}) == n_distinct
+        assert out.shape[0] == 4
+    info = exact.history[-1]["classes"]
+    assert [i["candidates_labelled"] for i in info] == [int((expected == c).sum()) for c in (0, 1)]
+    # with noise: deterministic under the seed, the whole budget spent, pure DP
+    cfg = build_config({**raw, "mechanism": {**raw["mechanism"], "noise": "laplace"}})
+    a, b = synthesize(cfg, generator=gen), synthesize(cfg, generator=gen)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.plan.epsilon_spent == pytest.approx(4.0) and a.plan.delta_spent == 0.0
+
+
+def test_pool_export_needs_pe_and_one_shared_pool(private_dir) -> None:
+    for section, value, field in [
+        ("mechanism", {"name": "pcevolve"}, "mechanism.name"),
+        ("mechanism", {"name": "pe", "lookahead": 2}, "mechanism.lookahead"),
+        ("generator", {"prompt": "a photo of a {label}"}, "generator.prompt"),
+    ]:
+        raw = _config(private_dir, export={"source": "pool"}, **{section: value})
+        with pytest.raises(SynthesisConfigError, match=field) as err:
+            build_config(raw)
+        assert "export.source" in str(err.value)
+    with pytest.raises(SynthesisConfigError, match="export.source"):
+        build_config(_config(private_dir, export={"source": "everything"}))
 
 
 def test_export_is_read_by_imagefolder_with_checksums(gen, private_dir, tmp_path) -> None:
@@ -559,6 +629,9 @@ def test_ready_config_loads_and_plans_within_budget() -> None:
     plan = make_plan(cfg, 10)
     assert cfg.mechanism.noise == "laplace" and plan.delta_spent == 0.0
     assert plan.noise_multiplier == pytest.approx(1 / cfg.privacy.epsilon)  # T = 1, nearest 1
+    cfg = load_config(ROOT / "configs" / "synthesize_animal_pool.yaml")
+    plan = make_plan(cfg, 10)
+    assert cfg.export.source == "pool" and plan.noise_multiplier == pytest.approx(0.1)
 
 
 def test_cli_writes_the_dataset_and_reports_the_budget(tmp_path, private_dir) -> None:

@@ -101,6 +101,12 @@ class PrivacySection(_Strict):
 
 class ExportSection(_Strict):
     per_class: int = Field(60, ge=1, description="synthetic images per class in the export")
+    source: Literal["selected", "pool"] = Field(
+        "selected",
+        description="selected: variations of each class's selected candidates; pool (pe, "
+        "unconditional generators): the last round's candidates of all classes, each labelled "
+        "with the class of its nearest selected bin, per_class drawn per class",
+    )
 
 
 class EvaluateSection(_Strict):
@@ -146,6 +152,23 @@ def build_config(raw: dict[str, Any]) -> SynthesisConfig:
             "private: give exactly one of private.path (a folder of <class>/ sub-folders) or "
             "private.dataset (animal_mnist, fashion_mnist, digits)"
         )
+    if config.export.source == "pool":
+        problems = []
+        if config.mechanism.name != "pe":
+            problems.append(f"mechanism.name is {config.mechanism.name!r}, it needs 'pe'")
+        if config.mechanism.lookahead:
+            problems.append("mechanism.lookahead must be 0")
+        if config.generator.prompt is not None:
+            problems.append(
+                "generator.prompt must be unset (a prompt-conditioned generator makes each "
+                "class its own candidates, so there is no shared pool to label)"
+            )
+        if problems:
+            raise SynthesisConfigError(
+                "export.source 'pool' labels one shared pool by the classes' noisy votes: "
+                + "; ".join(problems)
+                + " (or use export.source 'selected')"
+            )
     return config
 
 

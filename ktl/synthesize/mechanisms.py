@@ -105,6 +105,16 @@ def pe_histogram(candidates: torch.Tensor, private: torch.Tensor, nearest: int =
     return histogram
 
 
+def noisy_histogram(
+    histogram: np.ndarray, sigma: float, rng: np.random.Generator, noise: str = "gaussian"
+) -> np.ndarray:
+    """``h + N(0, sigma^2)`` (or ``h + Laplace(0, sigma)``) per bin; ``h`` itself at sigma 0."""
+    if sigma > 0:
+        draw = rng.laplace if noise == "laplace" else rng.normal
+        return histogram + draw(0.0, sigma, size=histogram.shape)
+    return histogram + 0.0
+
+
 def pe_select(
     histogram: np.ndarray,
     sigma: float,
@@ -117,11 +127,7 @@ def pe_select(
     'laplace'``), clipped at ``threshold`` (``max(h - H, 0)``), then ``draws`` candidates drawn
     in proportion to it (uniformly if nothing is left). Returns (counts, the noisy histogram);
     both are safe to release."""
-    if sigma > 0:
-        draw = rng.laplace if noise == "laplace" else rng.normal
-        noisy = histogram + draw(0.0, sigma, size=histogram.shape)
-    else:
-        noisy = histogram + 0.0
+    noisy = noisy_histogram(histogram, sigma, rng, noise)
     clipped = np.maximum(noisy - threshold, 0.0)
     total = clipped.sum()
     p = clipped / total if total > 0 else np.full(len(clipped), 1.0 / len(clipped))
@@ -164,3 +170,32 @@ def spread_over_members(
         picks = np.concatenate([order] * (n // len(order)) + [order[: n % len(order)]])
         np.add.at(counts, picks, 1)
     return counts
+
+
+def label_bins(noisy: np.ndarray, threshold: float) -> np.ndarray:
+    """The class of each bin from the classes' noisy histograms (C, K): the class with the
+    highest noisy count where any class's count passes ``threshold``, else -1. A class that
+    labels no bin gets the free bin where its own noisy count is highest, so that every class
+    keeps at least one (classes in order of that count; with fewer bins than classes some stay
+    without). Post-processing of the noisy histograms only: it costs no privacy."""
+    num_classes, k = noisy.shape
+    labels = np.where((noisy > threshold).any(0), noisy.argmax(0), -1)
+    missing = [c for c in range(num_classes) if not (labels == c).any()]
+    for c in sorted(missing, key=lambda c: -noisy[c].max()):
+        free = np.flatnonzero(labels == -1)
+        if len(free) == 0:
+            break
+        labels[free[noisy[c, free].argmax()]] = c
+    return labels
+
+
+def label_by_nearest_bin(
+    points: torch.Tensor, bins: torch.Tensor, bin_labels: np.ndarray
+) -> np.ndarray:
+    """Each point (N, D) takes the label of its nearest labelled bin centre (K, D) (L2); -1 for
+    every point when no bin is labelled."""
+    labelled = np.flatnonzero(bin_labels >= 0)
+    if len(labelled) == 0:
+        return np.full(points.shape[0], -1, dtype=np.int64)
+    nearest = torch.cdist(points.double(), bins.double()[torch.from_numpy(labelled)]).argmin(1)
+    return bin_labels[labelled][nearest.numpy()].astype(np.int64)

@@ -19,6 +19,9 @@ from ktl.synthesize.mechanisms import (
     class_centres,
     exponential_mechanism,
     kmeans,
+    label_bins,
+    label_by_nearest_bin,
+    noisy_histogram,
     pcevolve_utility,
     pe_histogram,
     pe_select,
@@ -186,6 +189,94 @@ class Synthesizer:
 
     # ------------------------------------------------------------------ selection
 
+    def threshold(self) -> float:
+        """The PE histogram threshold H: post-processing of the noisy histogram, no privacy."""
+        m, sigma = self.config.mechanism, self.plan.noise_multiplier
+        if m.threshold is not None:
+            return m.threshold
+        if m.noise == "laplace":
+            # half of one image's vote, plus 1.5 noise scales: an empty bin passes with
+            # probability exp(-1.5 - vote/(2b))/2 (at most 11%; 0.08% at b = 0.1 with one vote)
+            return 0.5 / math.sqrt(m.nearest) + 1.5 * sigma
+        if m.cluster_size > 0:
+            # over clusters the default threshold is 2 sigma (measured better than sigma at
+            # epsilon 5 and 10, docs/synthesize.md)
+            return 2 * sigma
+        return sigma
+
+    def label_pool(
+        self, populations: list[Population], strength: float
+    ) -> tuple[list[Population], list[dict]]:
+        """``export.source: pool``: the last round over the candidates of all classes at once.
+        Each class votes over the pool's bins (k-means clusters with ``cluster_size``, else
+        single candidates) with PE's noisy histogram, exactly as in :meth:`select`; a bin takes
+        the class with the highest noisy count where one passes the threshold; every candidate
+        takes the class of its nearest labelled bin; ``export.per_class`` are drawn per class
+        from its candidates (distinct first; the rest are variations of them)."""
+        m, cfg = self.config.mechanism, self.config
+        unique: dict[int, Population] = {}
+        for p in populations:  # round 1's populations are one shared pool
+            unique.setdefault(id(p), p)
+        parts = list(unique.values())
+        images = torch.cat([p.images for p in parts])
+        latents = (
+            torch.cat([p.latents for p in parts])
+            if all(p.latents is not None for p in parts)
+            else None
+        )
+        emb = self.embedding(images)
+        if m.cluster_size > 0:
+            k = max(1, round(emb.shape[0] / m.cluster_size))
+            bins = kmeans(emb, k, seed=cfg.seed)
+        else:
+            bins = emb.double()
+        noisy = np.stack(
+            [
+                noisy_histogram(
+                    pe_histogram(
+                        bins, self.private_embeddings[self.private.labels == c], m.nearest
+                    ),
+                    self.plan.noise_multiplier,
+                    self.rng,
+                    m.noise,
+                )
+                for c in range(self.num_classes)
+            ]
+        )
+        bin_labels = label_bins(noisy, self.threshold())
+        labels = label_by_nearest_bin(emb, bins, bin_labels)
+        out, info = [], []
+        n = cfg.export.per_class
+        for c in range(self.num_classes):
+            members = np.flatnonzero(labels == c)
+            info.append(
+                {
+                    "class": self.class_names[c],
+                    "bins_labelled": int((bin_labels == c).sum()),
+                    "candidates_labelled": len(members),
+                }
+            )
+            if len(members) == 0:  # fewer bins than classes: nothing to export for c
+                out.append(Population(images[:0], None if latents is None else latents[:0]))
+                continue
+            order = self.rng.permutation(members)
+            keep = torch.from_numpy(order[:n])
+            chosen = Population(images[keep], None if latents is None else latents[keep])
+            if n > len(members):  # the rest: variations of the class's candidates
+                counts = np.zeros(len(images))
+                counts[members] = 1
+                extra = self.offspring(
+                    c, Population(images, latents), counts, n - len(members), strength
+                )
+                chosen = Population(
+                    torch.cat([chosen.images, extra.images]),
+                    None
+                    if latents is None or extra.latents is None
+                    else torch.cat([chosen.latents, extra.latents]),
+                )
+            out.append(chosen)
+        return out, info
+
     def select(self, c: int, population: Population, strength: float) -> tuple[np.ndarray, dict]:
         m = self.config.mechanism
         emb = self.embedding(population.images)
@@ -208,19 +299,7 @@ class Synthesizer:
             emb = torch.stack(views).mean(0)
         own = self.private_embeddings[self.private.labels == c]
         sigma = self.plan.noise_multiplier
-        if m.threshold is not None:
-            threshold = m.threshold
-        elif m.noise == "laplace":
-            # half of one image's vote, plus 1.5 noise scales: an empty bin passes with
-            # probability exp(-1.5 - vote/(2b))/2 (at most 11%; 0.08% at b = 0.1 with one vote)
-            threshold = 0.5 / math.sqrt(m.nearest) + 1.5 * sigma
-        elif m.cluster_size > 0:
-            # over clusters the default threshold is 2 sigma (measured better than sigma at
-            # epsilon 5 and 10, docs/synthesize.md)
-            threshold = 2 * sigma
-        else:
-            threshold = sigma
-        # the threshold is post-processing of the noisy histogram: it costs no privacy
+        threshold = self.threshold()
         if m.cluster_size > 0:
             # the clusters are a function of the public candidates only; each private image
             # still votes with one L2-norm-1 vector, now over the clusters
@@ -259,17 +338,20 @@ class Synthesizer:
             strength = strength_at(cfg, it)
             last = it == m.iterations
             info = []
-            for c in range(self.num_classes):
-                counts, details = self.select(c, populations[c], strength)
-                info.append(
-                    {
-                        "class": self.class_names[c],
-                        "distinct_selected": int((counts > 0).sum()),
-                        **details,
-                    }
-                )
-                n = cfg.export.per_class if last else m.population
-                populations[c] = self.offspring(c, populations[c], counts, n, strength)
+            if last and cfg.export.source == "pool":
+                populations, info = self.label_pool(populations, strength)
+            else:
+                for c in range(self.num_classes):
+                    counts, details = self.select(c, populations[c], strength)
+                    info.append(
+                        {
+                            "class": self.class_names[c],
+                            "distinct_selected": int((counts > 0).sum()),
+                            **details,
+                        }
+                    )
+                    n = cfg.export.per_class if last else m.population
+                    populations[c] = self.offspring(c, populations[c], counts, n, strength)
             spent = self.plan.spent_after(it, m.iterations)
             seconds = time.perf_counter() - t0
             history.append(
