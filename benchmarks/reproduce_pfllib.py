@@ -94,6 +94,11 @@ NOTES = [
     "97.26 at round 15 against the default's 89.66 at 11-15), 1.3 below PFLlib's 99.18. The "
     "gap between the two rows is the evaluation's one personalisation step: at alpha 0.001 "
     "it barely moves the global model towards a client's two classes.",
+    "- GPFL pat (CPU, 2026-11-27) peaked at 93.87 in round 7 and then stayed between 87 and "
+    "92 to round 20 (final 89.05) while its training loss kept falling (5.2 at round 7, 3.0 at "
+    "20); its dir run on the GPU was still rising at round 17 (91.32). Not investigated yet: "
+    "whether PFLlib's GPFL dips the same way on this split, or ours overfits the personal "
+    "head; 6 points below PFLlib's 99.85, so a finding for the next session.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
