@@ -406,6 +406,11 @@ def test_pool_export_labels_the_shared_pool_by_the_votes(gen, private_dir) -> No
     a, b = synthesize(cfg, generator=gen), synthesize(cfg, generator=gen)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert a.plan.epsilon_spent == pytest.approx(4.0) and a.plan.delta_spent == 0.0
+    # a single bin for two classes: the class without one still exports per_class images
+    one_bin = {**raw, "mechanism": {**raw["mechanism"], "cluster_size": 12}}
+    c = synthesize(build_config({**one_bin, "privacy": {"epsilon": "inf"}}), generator=gen)
+    assert c.labels.tolist() == [0] * 4 + [1] * 4
+    assert sorted(i["bins_labelled"] for i in c.history[-1]["classes"]) == [0, 1]
 
 
 def test_pool_export_needs_pe_and_one_shared_pool(private_dir) -> None:

@@ -177,7 +177,7 @@ def label_bins(noisy: np.ndarray, threshold: float) -> np.ndarray:
     highest noisy count where any class's count passes ``threshold``, else -1. A class that
     labels no bin gets the free bin where its own noisy count is highest, so that every class
     keeps at least one (classes in order of that count; with fewer bins than classes some stay
-    without). Post-processing of the noisy histograms only: it costs no privacy."""
+    without a bin). Post-processing of the noisy histograms only: it costs no privacy."""
     num_classes, k = noisy.shape
     labels = np.where((noisy > threshold).any(0), noisy.argmax(0), -1)
     missing = [c for c in range(num_classes) if not (labels == c).any()]

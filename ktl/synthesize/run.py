@@ -256,9 +256,12 @@ class Synthesizer:
                     "candidates_labelled": len(members),
                 }
             )
-            if len(members) == 0:  # fewer bins than classes: nothing to export for c
-                out.append(Population(images[:0], None if latents is None else latents[:0]))
-                continue
+            if len(members) == 0:
+                # no candidate is nearest to a bin of c (or there are fewer bins than classes):
+                # c keeps the candidate nearest to its highest-voted bin, so that no class of
+                # the export is empty (post-processing again)
+                best = bins[int(noisy[c].argmax())].unsqueeze(0)
+                members = torch.cdist(emb.double(), best.double()).argmin(0).numpy()
             order = self.rng.permutation(members)
             keep = torch.from_numpy(order[:n])
             chosen = Population(images[keep], None if latents is None else latents[keep])
