@@ -155,6 +155,7 @@ class Synthesizer:
         self.private_embeddings = self.embedding(self.private.images)
         self.centres = class_centres(self.private_embeddings, self.private.labels, self.num_classes)
         self._prompts = None
+        self._embedding_cache: tuple[Population, torch.Tensor, dict] | None = None
         if config.generator.prompt is not None:
             if not hasattr(self.gen, "set_prompt"):
                 raise SynthesisConfigError(
@@ -188,6 +189,15 @@ class Synthesizer:
         return Population(v.images, v.latents)
 
     # ------------------------------------------------------------------ selection
+
+    def _embedded(self, population: Population) -> tuple[torch.Tensor, dict]:
+        """The population's embeddings and a per-population cache of its k-means clusters,
+        computed once per population: in round 1 every class shares one pool."""
+        cached = self._embedding_cache
+        if cached is None or cached[0] is not population:
+            cached = (population, self.embedding(population.images), {})
+            self._embedding_cache = cached
+        return cached[1], cached[2]
 
     def threshold(self) -> float:
         """The PE histogram threshold H: post-processing of the noisy histogram, no privacy."""
@@ -282,7 +292,7 @@ class Synthesizer:
 
     def select(self, c: int, population: Population, strength: float) -> tuple[np.ndarray, dict]:
         m = self.config.mechanism
-        emb = self.embedding(population.images)
+        emb, clusters = self._embedded(population)
         if m.name == "pcevolve":
             utility = pcevolve_utility(emb, self.centres, c, m.tau)
             counts = exponential_mechanism(utility, self.plan.epsilon_per_draw, m.select, self.rng)
@@ -300,6 +310,7 @@ class Synthesizer:
                 )
                 views.append(self.embedding(v.images))
             emb = torch.stack(views).mean(0)
+            clusters = {}  # this class's own (random) views: nothing to share
         own = self.private_embeddings[self.private.labels == c]
         sigma = self.plan.noise_multiplier
         threshold = self.threshold()
@@ -307,8 +318,10 @@ class Synthesizer:
             # the clusters are a function of the public candidates only; each private image
             # still votes with one L2-norm-1 vector, now over the clusters
             k = max(1, round(emb.shape[0] / m.cluster_size))
-            centroids = kmeans(emb, k, seed=self.config.seed)
-            assign = torch.cdist(emb.double(), centroids).argmin(1).numpy()
+            if k not in clusters:  # round 1: one shared pool, clustered once for all classes
+                centroids = kmeans(emb, k, seed=self.config.seed)
+                clusters[k] = (centroids, torch.cdist(emb.double(), centroids).argmin(1).numpy())
+            centroids, assign = clusters[k]
             histogram = pe_histogram(centroids, own, m.nearest)
             cluster_counts, noisy = pe_select(
                 histogram, sigma, threshold, m.select, self.rng, m.noise
