@@ -58,10 +58,15 @@ def synthesize_command(
 
     console = Console(stderr=True)
     m = cfg.mechanism
+    per_round = f"{m.population} candidates and {m.select} selections per class per round"
+    if cfg.export.source == "pool":
+        per_round = (
+            f"{m.population} candidates per class per round, the last round's pool labelled by "
+            "the votes"
+        )
     console.print(
-        f"[bold]ktl synthesize[/] {m.name}: {m.iterations} rounds, {m.population} candidates and "
-        f"{m.select} selections per class per round, budget epsilon {_eps(cfg.privacy.epsilon)}, "
-        f"delta {cfg.privacy.delta:g} -> {out}",
+        f"[bold]ktl synthesize[/] {m.name}: {m.iterations} rounds, {per_round}, budget epsilon "
+        f"{_eps(cfg.privacy.epsilon)}, delta {cfg.privacy.delta:g} -> {out}",
         highlight=False,
     )
     try:
