@@ -91,9 +91,9 @@ NOTES = [
     "plateaus near 89-90 pat; with PFLlib's settings (`algorithm.alpha=0.005`, its learning "
     "rate, for the personalisation step, and `algorithm.passes=2`: PFLlib's client runs its "
     "local procedure twice a round) the same code reaches 97.85 at round 20 (CPU, 2026-11-27; "
-    "97.26 at round 15 against the default's 89.66 at 11-15), 1.3 below PFLlib's 99.18. The "
-    "gap between the two rows is the evaluation's one personalisation step: at alpha 0.001 "
-    "it barely moves the global model towards a client's two classes.",
+    "97.26 at round 15 against the default's 89.66 at 11-15), 1.3 below PFLlib's 99.18. Likely "
+    "the larger share is alpha's, since a client is evaluated after one personalisation step "
+    "of size alpha, but the two changes were not run apart.",
     "- GPFL pat (CPU, 2026-11-27) peaked at 93.87 in round 7 and then stayed between 87 and "
     "92 to round 20 (final 89.05) while its training loss kept falling (5.2 at round 7, 3.0 at "
     "20); its dir run on the GPU was still rising at round 17 (91.32). Not investigated yet: "
