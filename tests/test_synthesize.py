@@ -599,15 +599,26 @@ def test_private_data_errors(tmp_path, gen) -> None:
         run({"private": {"dataset": "imagenet"}})
 
 
-def test_cli_errors_are_one_paragraph_and_exit_2(tmp_path, private_dir) -> None:
+def test_cli_errors_are_one_paragraph_and_exit_2(tmp_path, private_dir, monkeypatch) -> None:
     from typer.testing import CliRunner
 
+    import generators
     from ktl.cli import app
 
+    def no_generator(*args, **kwargs):
+        raise AssertionError("a bad budget must be refused before a generator is loaded")
+
+    monkeypatch.setattr(generators, "load_generator", no_generator)
     config = tmp_path / "c.yaml"
-    config.write_text(f"private:\n  path: {private_dir}\nprivacy:\n  epsilon: -2\n")
-    result = CliRunner().invoke(app, ["synthesize", str(config), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "privacy.epsilon must be > 0" in result.output
+    for budget, field in (
+        ("epsilon: -2", "privacy.epsilon: must be > 0"),
+        ("epsilon: 0", "privacy.epsilon: must be > 0"),
+        ("delta: 1.5", "privacy.delta: must be a number in [0, 1)"),
+    ):
+        config.write_text(f"private:\n  path: {private_dir}\nprivacy:\n  {budget}\n")
+        result = CliRunner().invoke(app, ["synthesize", str(config), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and field in result.output, result.output
+        assert not (tmp_path / "o").exists()
     assert "Traceback" not in result.output
     result = CliRunner().invoke(
         app, ["synthesize", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]

@@ -98,6 +98,21 @@ class PrivacySection(_Strict):
             return math.inf
         return value
 
+    @field_validator("epsilon")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        # checked when the config loads, before a generator is loaded or anything is written
+        if math.isnan(value) or value <= 0:
+            raise ValueError("must be > 0 (or .inf for no privacy)")
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _probability(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError("must be a number in [0, 1)")
+        return value
+
 
 class ExportSection(_Strict):
     per_class: int = Field(60, ge=1, description="synthetic images per class in the export")
@@ -137,7 +152,8 @@ def _message(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"{where}: unknown key")
         else:
-            parts.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg} (got {e.get('input')!r})")
     return "invalid synthesize configuration: " + "; ".join(parts)
 
 
