@@ -119,6 +119,13 @@ def write_table(rows: list[dict]) -> None:
     tmp.replace(TABLE)
 
 
+def load_rows() -> dict[str, dict]:
+    """The stored rows; rows of the older format (no ``config``) are left out."""
+    if not STORE.is_file():
+        return {}
+    return {k: v for k, v in json.loads(STORE.read_text()).items() if "config" in v}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,9 +133,7 @@ def main(argv=None) -> None:
     from ktl.synthesize.config import load_config
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    done: dict[str, dict] = {}
-    if STORE.is_file() and not args.fresh:
-        done = {k: v for k, v in json.loads(STORE.read_text()).items() if "config" in v}
+    done: dict[str, dict] = {} if args.fresh else load_rows()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     for config_path in map(Path, args.configs):
         cid = config_id(config_path)
@@ -164,12 +169,7 @@ def main(argv=None) -> None:
                         "date": time.strftime("%Y-%m-%d"),
                     }
                     # merge with rows another process may have written meanwhile
-                    if STORE.is_file():
-                        stored = json.loads(STORE.read_text())
-                        done = {
-                            **{k: v for k, v in stored.items() if "config" in v},
-                            key: done[key],
-                        }
+                    done = {**load_rows(), key: done[key]}
                     tmp = STORE.with_suffix(f".json.{os.getpid()}.tmp")
                     tmp.write_text(json.dumps(done, indent=1, default=str) + "\n")
                     tmp.replace(STORE)
