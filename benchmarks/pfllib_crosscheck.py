@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS = RESULTS / "pfllib_crosscheck.json"
 OURS = RESULTS / "pfllib_fmnist.json"
+LOGS = ROOT / "runs" / "pfllib_crosscheck"  # PFLlib's output while it runs (kept if it fails)
 
 # the protocol of reproduce_pfllib.py in PFLlib's flags
 PROTOCOL_FLAGS = [
@@ -228,7 +229,8 @@ def main(argv=None) -> None:
         write_table(rows)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log = RESULTS / f".pfllib_crosscheck-{args.algorithm}-{args.scenario}.log"
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"{args.algorithm}-{args.scenario}.log"
     t0 = time.perf_counter()
     evaluations, sizes = run_pfllib(args, log)
     accs = evaluations[: args.rounds + 1]
