@@ -618,8 +618,7 @@ def test_cli_errors_are_one_paragraph_and_exit_2(tmp_path, private_dir, monkeypa
         config.write_text(f"private:\n  path: {private_dir}\nprivacy:\n  {budget}\n")
         result = CliRunner().invoke(app, ["synthesize", str(config), "--out", str(tmp_path / "o")])
         assert result.exit_code == 2 and field in result.output, result.output
-        assert not (tmp_path / "o").exists()
-    assert "Traceback" not in result.output
+        assert not (tmp_path / "o").exists() and "Traceback" not in result.output
     result = CliRunner().invoke(
         app, ["synthesize", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]
     )
