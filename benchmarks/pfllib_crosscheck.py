@@ -253,7 +253,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     rows = [*load_rows(), row]  # merge with rows another process wrote meanwhile
-    tmp = ROWS.with_suffix(".json.tmp")
+    tmp = ROWS.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n")
     os.replace(tmp, ROWS)
     log.unlink(missing_ok=True)
