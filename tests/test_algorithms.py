@@ -197,7 +197,7 @@ def test_scaffold_variates_follow_the_paper_update(server_lr):
         c = {k.removeprefix("c/"): v.clone() for k, v in fed.server.c.items()}
         ci_before = {cid: dict(fed.store.get(cid)) for cid in range(n)}
         fed.train_round(rnd)
-        replies = fed._pending_replies
+        replies = fed.pending_replies
         assert len(replies) == 3
         for cid, reply in replies.items():
             steps = reply.metrics["steps"]
@@ -232,7 +232,7 @@ def test_scaffold_learns_on_digits():
 def test_fedrep_heads_differ_and_bodies_are_equal_after_aggregation():
     fed = Federation(build_config(config("fedrep")))
     fed.train_round(1)
-    uploads = [r.message for r in fed._pending_replies.values()]
+    uploads = [r.message for r in fed.pending_replies.values()]
     assert all(set(m) == {k for k in uploads[0]} for m in uploads)
     assert all(k.startswith("model/body.") for k in uploads[0])
     fed.aggregate(1)
@@ -277,7 +277,7 @@ def test_fedproto_uploads_exactly_classes_by_feature_size_plus_counts():
 def test_fedproto_averages_by_count_and_predicts_the_nearest_global_prototype():
     fed = Federation(build_config(config("fedproto")))
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     fed.aggregate(1)
     means = torch.stack([r.message["proto/local"] for r in replies.values()]).double()
     counts = torch.stack([r.message["proto/local_count"] for r in replies.values()]).double()

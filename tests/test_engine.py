@@ -320,7 +320,7 @@ def test_executors_draw_tasks_only_as_workers_free(executor):
         fed.train_round(1)
         assert sorted(seen) == list(range(12)) and drawn == 12
         assert most_ahead <= bound  # never every client's state at once
-        assert list(fed._pending_replies) == list(range(12))  # task order
+        assert list(fed.pending_replies) == list(range(12))  # task order
     finally:
         fed.close()
 

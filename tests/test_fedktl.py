@@ -157,7 +157,7 @@ def test_upload_is_classes_times_k_floats_and_pairs_arrive_in_client_shape():
     fed = Federation(build_config(cfg))
     k = fed.dataset.num_classes
     up, down = fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     for reply in replies.values():
         assert set(reply.message) == {"proto/local"}
         assert reply.message["proto/local"].shape == (k, k)

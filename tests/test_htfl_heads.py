@@ -58,7 +58,7 @@ def assert_bodies_stay_local(fed: Federation) -> None:
 def test_lgfedavg_sends_heads_only_averages_them_by_samples_and_keeps_bodies(model):
     fed = Federation(build_config(config("lg-fedavg", model)))
     up, down = fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     assert len(replies) == 4
     assert up == down == 4 * HEAD_BYTES
     for reply in replies.values():
@@ -90,7 +90,7 @@ def test_lgfedavg_sends_heads_only_averages_them_by_samples_and_keeps_bodies(mod
 def test_fedgh_uploads_class_means_of_held_classes_only(model):
     fed = Federation(build_config(config("fedgh", model)))
     up, down = fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     held = {
         cid: torch.nonzero(torch.bincount(fed.dataset.clients[cid].train_y, minlength=C))
         .flatten()
@@ -122,7 +122,7 @@ def test_fedgh_server_trains_the_head_with_cross_entropy_on_the_prototypes():
     fed = Federation(build_config(config("fedgh", MIXED, server_lr=lr, server_epochs=1)))
     old = {k: v.clone() for k, v in fed.server.global_state.items()}
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     x = torch.cat([r.message["proto/local"] for r in replies.values()]).double()
     y = torch.cat([r.message["proto/labels"] for r in replies.values()])
     assert 0 < x.shape[0] <= 16
@@ -166,7 +166,7 @@ def test_fedgen_wire_label_counts_and_a_broadcast_generator():
     initial_gen = server._generator_message()
 
     up, down = fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     assert up == 4 * (HEAD_BYTES + C * 8)  # the head and int64 label counts
     assert down == 4 * (HEAD_BYTES + gen_bytes + C * 8)  # one broadcast, counted per client
     for cid, reply in replies.items():
@@ -209,7 +209,7 @@ def test_fedgen_server_generator_learns_what_the_clients_heads_agree_on(ensemble
     fed = Federation(build_config(config("fedgen", MIXED, **hp)))
     before = fed.server._generator_message()
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     heads = [head_of(r.message) for r in replies.values()]
     fed.aggregate(1)
     pooled = fed.server.pooled_label_counts()

@@ -60,7 +60,7 @@ def test_fd_sends_exactly_classes_by_classes_logits_plus_counts(model):
     assert all(
         set(r.message) == {"logits/local", "logits/local_count"}
         and r.message["logits/local"].shape == (C, C)
-        for r in fed._pending_replies.values()
+        for r in fed.pending_replies.values()
     )
     fed.close()
 
@@ -71,7 +71,7 @@ def test_fd_uploads_mean_training_logits_and_server_averages_over_clients_holdin
     cfg["federation"]["drop_last"] = False  # every training sample's logits are in the means
     fed = Federation(build_config(cfg))
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     model = fed.runtime.new_model("mlp")
     for cid, reply in replies.items():
         data = fed.dataset.clients[cid]
@@ -129,7 +129,7 @@ def test_fml_sends_only_the_meme_and_averages_it_by_sample_count(model):
     old = dict(fed.server.global_state)
     up, down = fed.train_round(1)
     assert up == down == 4 * meme_bytes
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     assert all(set(r.message) == set(old) for r in replies.values())
     fed.aggregate(1)
     total = sum(r.num_samples for r in replies.values())
@@ -236,7 +236,7 @@ def test_fedkd_energy_rises_linearly_from_t_start_to_t_end():
     fed = Federation(build_config(config("fedkd", rounds=5, t_start=0.9, t_end=0.98)))
     for rnd in (1, 2):
         fed.train_round(rnd)
-        energies = [r.metrics["energy"] for r in fed._pending_replies.values()]
+        energies = [r.metrics["energy"] for r in fed.pending_replies.values()]
         assert energies == pytest.approx([0.9 + 0.02 * (rnd - 1)] * len(energies))
         fed.aggregate(rnd)
     fed.close()
@@ -274,7 +274,7 @@ def test_fedkd_server_recompresses_the_mean_update_and_clients_in_step_hold_its_
     initial = dict(server.mentee)
     up, down = fed.train_round(1)
     assert down == 0  # every client starts from the federation's initial mentee
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     updates = [svd_decode(r.message, initial, "update", "up") for r in replies.values()]
     fed.aggregate(1)
     # the server compresses the uniform mean of the updates at T(1) and applies it
@@ -311,7 +311,7 @@ def test_fedkd_htfllib_variant_averages_compressed_weights():
     hp = dict(compress="weights", conv_layout="kernel", htfllib_gradients=True, kl_reduction="mean")
     fed = Federation(build_config(config("fedkd", MIXED, **hp)))
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     assert all(message_space(r.message, "m") == "mentee" for r in replies.values())
     weights = [svd_decode(r.message, fed.server.mentee, "mentee", "up") for r in replies.values()]
     fed.aggregate(1)

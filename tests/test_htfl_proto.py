@@ -59,7 +59,7 @@ def test_fedtgp_sends_exactly_classes_by_feature_size_each_way():
     up, down = fed.train_round(1)
     assert up == 4 * per_client and down == 4 * per_client
     assert all(
-        r.message["proto/local"].shape == (CLASSES, FEATURES) for r in fed._pending_replies.values()
+        r.message["proto/local"].shape == (CLASSES, FEATURES) for r in fed.pending_replies.values()
     )
     fed.aggregate(1)
     assert fed.train_round(2) == (4 * per_client, 4 * per_client)
@@ -79,7 +79,7 @@ def test_fedtgp_margin_is_min_of_the_largest_class_gap_and_tau():
     for tau in (100.0, 0.01):
         fed = federation("fedtgp", margin_threshold=tau, server_epochs=1)
         fed.train_round(1)
-        replies = fed._pending_replies
+        replies = fed.pending_replies
         fed.aggregate(1)
         centres = []
         for c in range(CLASSES):
@@ -118,7 +118,7 @@ def test_fedtgp_server_training_pulls_prototypes_to_their_own_class():
 def test_fedtgp_aggregation_trains_the_network_and_broadcasts_its_output():
     fed = federation("fedtgp")
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     pairs = [
         (r.message["proto/local"][c], c)
         for cid, r in sorted(replies.items())
@@ -177,7 +177,7 @@ def test_fedmrl_uploads_exactly_the_small_shared_model():
     assert small.head.in_features == d1
     up, down = fed.train_round(1)
     assert up == 4 * size and down == 4 * size
-    for reply in fed._pending_replies.values():
+    for reply in fed.pending_replies.values():
         assert {k: v.shape for k, v in reply.message.items()} == expected
     # the clients' own models and projectors stay home, in their state
     state = fed.store.get(1)  # a cnn4 client
@@ -190,7 +190,7 @@ def test_fedmrl_uploads_exactly_the_small_shared_model():
 def test_fedmrl_server_averages_the_shared_model(aggregate_by):
     fed = federation("fedmrl", aggregate_by=aggregate_by)
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     fed.aggregate(1)
     w = {c: (r.num_samples if aggregate_by == "samples" else 1.0) for c, r in replies.items()}
     for key, value in fed.server.global_state.items():
@@ -245,7 +245,7 @@ def test_fedl2g_warm_up_meta_learns_only_and_uploads_the_present_classes_rows():
     up, down = fed.train_round(1)
     assert down == 4 * CLASSES * FEATURES * 4  # the guiding vectors
     sent = 0
-    for cid, reply in fed._pending_replies.items():
+    for cid, reply in fed.pending_replies.items():
         classes = reply.message["guide/classes"]
         assert reply.message["guide/grad"].shape == (classes.numel(), FEATURES)
         assert set(classes.tolist()) <= set(fed.dataset.clients[cid].train_y.tolist())

@@ -210,14 +210,14 @@ def test_fedfomo_mixes_in_only_models_that_lower_the_validation_loss():
 def test_fedfomo_server_sends_top_affinity_models_and_adds_the_weights_to_affinity():
     fed = federation("fedfomo", num_models=2, epsilon=0.0)
     fed.train_round(1)
-    assert all(len(r.message["fomo/ids"]) == 0 for r in fed._pending_replies.values())
+    assert all(len(r.message["fomo/ids"]) == 0 for r in fed.pending_replies.values())
     fed.aggregate(1)
     fed.server.affinity[0] = torch.tensor([1.0, 0.1, 0.7, 0.3], dtype=torch.float64)
     chosen = fed.server.choose(2, [0, 1])
     assert chosen[0] == [2, 3] and 1 not in chosen[1] and len(chosen[1]) == 2
     before = fed.server.affinity.clone()
     fed.train_round(2)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     fed.aggregate(2)
     for cid, reply in replies.items():
         ids, w = reply.message["fomo/ids"], reply.message["fomo/weights"]
@@ -245,7 +245,7 @@ def test_apple_dr_weights_start_at_the_sample_shares_which_sum_to_one():
     p0 = fed.server.broadcast(1)["dr/p0"]
     assert torch.allclose(p0, torch.full((4,), 0.25))  # no sample count known before round 1
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     fed.aggregate(1)
     counts = torch.tensor([float(fed.dataset.clients[c].num_train) for c in range(4)])
     p0 = fed.server.broadcast(2)["dr/p0"]
@@ -307,7 +307,7 @@ def test_fedpac_qp_weights_are_a_valid_mixture_that_minimises_the_objective_and_
 
     fed = federation("fedpac")
     fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     fed.aggregate(1)
     ids = sorted(replies)
     v = torch.cat([replies[c].message["stats/v"].double() for c in ids])

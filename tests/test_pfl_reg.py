@@ -181,7 +181,7 @@ def test_pfedme_server_mixes_the_uniform_mean_with_the_old_global_by_beta(beta):
     fed = Federation(build_config(config("pfedme", beta=beta)))
     old = dict(fed.server.global_state)
     fed.train_round(1)
-    uploads = [r.message for r in fed._pending_replies.values()]
+    uploads = [r.message for r in fed.pending_replies.values()]
     fed.aggregate(1)
     for key, value in old.items():
         mean = sum(u[key].double() for u in uploads) / len(uploads)
@@ -197,7 +197,7 @@ def test_apfl_alpha_moves_and_the_personal_model_is_the_mix():
     fed = Federation(build_config(config("apfl")))
     for rnd in (1, 2):
         fed.train_round(rnd)
-        alphas = [r.metrics["alpha"] for r in fed._pending_replies.values()]
+        alphas = [r.metrics["alpha"] for r in fed.pending_replies.values()]
         fed.aggregate(rnd)
     assert all(0.0 <= a <= 1.0 for a in alphas)
     assert all(abs(a - 0.5) > 1e-4 for a in alphas)  # learned, not the initial value
@@ -235,7 +235,7 @@ def test_fedphp_hpm_is_the_moving_average_of_local_models_and_is_evaluated():
     hpm_before = {}
     for rnd in (1, 2, 3):
         fed.train_round(rnd)
-        for cid, reply in fed._pending_replies.items():
+        for cid, reply in fed.pending_replies.items():
             state = fed.store.get(cid)
             k = int(state["php/participations"]) - 1  # earlier participations
             mu = min(0.9 * k / 4, 0.9)
@@ -268,7 +268,7 @@ def test_fedala_weights_stay_in_unit_interval_and_first_aggregation_trains_to_co
     cfg = config("fedala", eta=5.0)  # a large rate pushes weights onto the clamp
     fed = Federation(build_config(cfg))
     fed.train_round(1)
-    assert all(r.metrics["ala_epochs"] == 0 for r in fed._pending_replies.values())
+    assert all(r.metrics["ala_epochs"] == 0 for r in fed.pending_replies.values())
     fed.aggregate(1)
     threshold, window = 0.1, 10
     for rnd in (2, 3):

@@ -25,7 +25,7 @@ def federation(algorithm: str, model: str = "mlp", **hparams) -> Federation:
 def one_round(fed: Federation, rnd: int = 1) -> dict:
     """Train round ``rnd``; returns the replies (the server has not aggregated them yet)."""
     fed.train_round(rnd)
-    return dict(fed._pending_replies)
+    return dict(fed.pending_replies)
 
 
 def initial(fed: Federation, prefix: str) -> dict[str, torch.Tensor]:

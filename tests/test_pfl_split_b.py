@@ -25,7 +25,7 @@ def federation(algorithm: str, **hparams) -> Federation:
 def one_round(fed: Federation, rnd: int = 1) -> dict:
     """Train round ``rnd``; returns the replies (before aggregation)."""
     fed.train_round(rnd)
-    return dict(fed._pending_replies)
+    return dict(fed.pending_replies)
 
 
 def nbytes(module: nn.Module) -> int:
@@ -68,7 +68,7 @@ def test_pflda_only_the_global_head_travels_and_the_personal_model_stays():
     model = fed.runtime.new_model("mlp")
     head = nbytes(model.head)
     up, down = fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     assert all(set(r.message) == {"ghead/weight", "ghead/bias"} for r in replies.values())
     assert up == 4 * head and down == 4 * head
     fed.aggregate(1)
@@ -139,7 +139,7 @@ def test_fedas_averages_bodies_by_fisher_trace_and_sends_only_body_and_trace():
     fed = federation("fedas")
     body = nbytes(fed.runtime.new_model("mlp").body)
     up, down = fed.train_round(1)
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     assert up == 4 * (body + 8) and down == 4 * body
     traces = {cid: float(r.message["fisher/trace"]) for cid, r in replies.items()}
     assert all(t > 0 for t in traces.values())
@@ -329,7 +329,7 @@ def test_fedcac_critical_parameters_come_from_the_customized_model():
     n_params = sum(p.numel() for p in model.parameters())
     up, _ = fed.train_round(1)
     assert up == 4 * (nbytes(model) + n_params)  # the model plus one byte per parameter
-    replies = dict(fed._pending_replies)
+    replies = dict(fed.pending_replies)
     fed.aggregate(1)
     server = fed.server
     names = [n for n, _ in model.named_parameters()]
@@ -370,7 +370,7 @@ def test_gpfl_body_gce_and_cov_travel_the_head_stays():
     assert nbytes(client.gce) == CLASSES * FEATURES * 4
     up, down = fed.train_round(1)
     assert up == 4 * shared and down == 4 * shared
-    replies = fed._pending_replies
+    replies = fed.pending_replies
     assert all(not any(k.startswith("model/head") for k in r.message) for r in replies.values())
     fed.aggregate(1)
     heads = [fed.store.get(c)["model/head.weight"] for c in range(4)]

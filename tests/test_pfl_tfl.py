@@ -126,7 +126,7 @@ def test_feddyn_client_and_server_states_follow_the_paper_update():
         h_old = {k: v.clone() for k, v in fed.server.h.items()}
         g_before = {cid: dict(fed.store.get(cid)) for cid in range(n)}
         fed.train_round(rnd)
-        replies = fed._pending_replies
+        replies = fed.pending_replies
         assert len(replies) == 3
         for cid, reply in replies.items():
             after = fed.store.get(cid)
@@ -171,7 +171,7 @@ def test_moon_previous_model_is_the_last_uploaded_one_and_starts_at_the_initial_
     client = fed.runtime.client(0, 1, "train", {})
     assert all(torch.equal(v, initial[k]) for k, v in client.previous.state_dict().items())
     fed.train_round(1)
-    for cid, reply in fed._pending_replies.items():
+    for cid, reply in fed.pending_replies.items():
         previous = {
             k.removeprefix("previous/"): v
             for k, v in fed.store.get(cid).items()
@@ -281,7 +281,7 @@ def test_fedcross_cross_aggregates_each_middle_model_with_its_collaborator(selec
         assert server.broadcast(rnd) == {}
         assert sorted(server._assignment.values()) == [0, 1, 2, 3]
         fed.train_round(rnd)
-        replies = fed._pending_replies
+        replies = fed.pending_replies
         trained = [None] * 4
         for cid, m in server._assignment.items():
             trained[m] = replies[cid].message
@@ -330,7 +330,7 @@ def test_fedbn_keeps_every_batchnorm_layer_local_on_a_resnet():
     assert any(k.endswith("num_batches_tracked") for k in bn_keys)
 
     fed.train_round(1)
-    for reply in fed._pending_replies.values():
+    for reply in fed.pending_replies.values():
         assert not set(reply.message) & bn_keys
         assert set(reply.message) | bn_keys == {f"model/{k}" for k in model.state_dict()}
     states = [fed.store.get(cid) for cid in range(4)]
@@ -362,7 +362,7 @@ def test_fedcross_shares_a_middle_model_among_extra_clients_and_mixes_untrained_
     for rnd in (1, 2, 3, 4):
         before = [dict(m) for m in server.middle]
         fed.train_round(rnd)
-        replies = fed._pending_replies
+        replies = fed.pending_replies
         groups = {m: [c for c, a in server._assignment.items() if a == m] for m in range(2)}
         seen_extra |= any(len(g) > 1 for g in groups.values())
         trained = [

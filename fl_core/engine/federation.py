@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 
@@ -148,6 +150,12 @@ class Federation:
         replies = {cid: replies[cid] for cid in selected if cid in replies}
         self._pending_replies = replies
         return up, down
+
+    @property
+    def pending_replies(self) -> Mapping[int, Reply]:
+        """The replies of the last `train_round`, by client, until `aggregate` takes them
+        (read-only: what the server will aggregate)."""
+        return MappingProxyType(self._pending_replies)
 
     def aggregate(self, round: int) -> None:
         self.server.aggregate(round, self._pending_replies)
