@@ -572,6 +572,29 @@ def test_bad_budget_is_refused_before_any_generation(private_dir) -> None:
         build_config(_config(private_dir, privacy={"epsilon": "lots"}))
 
 
+def test_budget_and_private_folder_are_refused_before_a_generator_loads(
+    tmp_path, private_dir, monkeypatch
+) -> None:
+    import generators
+
+    def no_generator(*args, **kwargs):
+        raise AssertionError("the generator was loaded before the budget was checked")
+
+    monkeypatch.setattr(generators, "load_generator", no_generator)
+    # pcevolve's plan depends on the number of private classes (2 here: 1 draw per class and
+    # round fits at most epsilon 1 / (2 x 2 rounds); 0.5 does not)
+    pcevolve = {"name": "pcevolve", "iterations": 2, "select": 1, "epsilon_per_draw": 0.5}
+    cfg = build_config(_config(private_dir, mechanism=pcevolve, privacy={"epsilon": 1.0}))
+    with pytest.raises(BudgetError, match="epsilon_per_draw = 0.5 over 4 draws .* 2 classes"):
+        synthesize(cfg, tmp_path / "out")
+    pe = {"name": "pe", "noise_multiplier": 0.1}
+    with pytest.raises(BudgetError, match="noise_multiplier"):
+        synthesize(build_config(_config(private_dir, mechanism=pe)), tmp_path / "out")
+    with pytest.raises(PrivateDataError, match="does not exist"):
+        synthesize(build_config(_config(tmp_path / "missing")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_private_data_errors(tmp_path, gen) -> None:
     def run(raw):
         return synthesize(build_config(raw), generator=gen)

@@ -85,6 +85,17 @@ def load_private(
     return few, held
 
 
+def private_class_count(config: SynthesisConfig) -> int:
+    """How many classes the private data has, read without the generator, so that the budget
+    can be checked (and a bad private folder refused) before a generator loads."""
+    p = config.private
+    if p.classes:
+        return len(p.classes)
+    if p.path is not None:
+        return len(read_image_folder(Path(p.path), 8, 1).class_names)
+    return len(load_dataset_split(p.dataset, p.split)[2])
+
+
 def strength_at(config: SynthesisConfig, iteration: int) -> float:
     """Variation strength after selection round ``iteration`` (1-based): linear from
     ``strength_start`` to ``strength_end`` over the rounds."""
@@ -481,6 +492,9 @@ def synthesize(
 
     if out is not None:
         check_output(Path(out), overwrite)  # fail before spending minutes
+    # the budget, before a generator loads (Stable Diffusion takes minutes); checked again,
+    # with the same result, once the private data are read at the generator's size
+    make_plan(config, private_class_count(config))
     synth = Synthesizer(config, generator=generator, embedding=embedding)
     if evaluate and synth.heldout is None:
         raise SynthesisConfigError(
