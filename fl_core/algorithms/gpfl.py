@@ -50,7 +50,9 @@ head, GCE and CoV to within 6e-8. Over 20 rounds of the protocol's pathological 
 (``benchmarks/reproduce_pfllib.py``'s clients, in PFLlib's data layout), ours with
 ``conditional_inputs="local"``, started from exactly PFLlib's initial weights, tracks
 PFLlib's run round by round (within 2.8 points; 97.12 against 97.09 at the peak in round
-8, 90.54 against 89.32 at round 12, 94.17 against 94.83 at round 20). Both dip after that peak:
+8, 90.54 against 89.32 at round 12, 94.17 against 94.83 at round 20; another run of PFLlib's
+code, through ``benchmarks/pfllib_crosscheck.py``: 96.66 at round 8, 88.81 at 13, 94.05 at
+20). Both dip after that peak:
 that is the algorithm under this protocol, not a bug. A client is evaluated before it trains,
 with the round's averaged body and valve under the head it trained against its own; right
 after its local epoch the same clients average 99.0% (our default run, round 20) against 89.1%
