@@ -79,10 +79,10 @@ NOTES = [
     "15 only make each slower. On that machine FedALA (249 s a round over its first two "
     "rounds, which include ALA's training to convergence) and APFL (129 s, round 1) were far "
     "slower than FedAvg-like rows (11-15 s); not investigated.",
-    "- FedAvg's gap is one of rounds: PFLlib's own FedAvg code on exactly these pat clients "
+    "- FedAvg's gap is one of rounds: PFLlib's own FedAvg code on exactly these clients "
     "(`benchmarks/pfllib_crosscheck.py`, `pfllib_crosscheck.md`, CPU 2026-11-27) reaches "
-    "68.68 at round 20, against our 68.00 (best, round 19); PFLlib's 80.41 is a best over "
-    "2,000 rounds. The dir scenario was not cross-checked.",
+    "68.68 (pat) and 67.39 (dir) at round 20, against our 68.00 (best, round 19) and 67.90; "
+    "PFLlib's 80.41 and 85.85 are bests over 2,000 rounds.",
     "- FedDBE's gap (−28 dir, −16 pat at round 20) is one of rounds, as far as 20 rounds "
     "show: its model is FedAvg's (PFLlib's FedAvg figure, 85.85 dir, is ours at 67.90 after "
     "20 rounds), and its personal part is only a feature shift z_p that is trained with the "
