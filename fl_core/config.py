@@ -70,6 +70,12 @@ class FederationSpec(_Strict):
     new_client_finetune_epochs: int = Field(
         0, ge=0, description="local epochs a new client trains before it is evaluated"
     )
+    stop_on_divergence: bool = Field(
+        True,
+        description="stop the run with an error (TrainingDiverged) when a client's training "
+        "loss is not finite (NaN or infinite): a diverged run would otherwise train at chance "
+        "to its last round; false keeps going",
+    )
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations without a better test_acc"
     )

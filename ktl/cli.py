@@ -38,6 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fl_core.config import ConfigError
     from fl_core.data import DataError
     from fl_core.device import DeviceError
+    from fl_core.engine import TrainingDiverged
     from fl_core.models import ModelError
 
     errors: list[type[BaseException]] = [
@@ -47,6 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         AlgorithmError,
         PartError,
         DeviceError,
+        TrainingDiverged,
     ]
     try:
         from generators.base import GeneratorError

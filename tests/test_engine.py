@@ -132,6 +132,33 @@ def test_a_stop_request_ends_the_run_and_resuming_continues_it(tmp_path):
     assert [h.metrics for h in resumed.history] == [h.metrics for h in full.history]
 
 
+def test_a_diverged_run_stops_with_an_error_naming_round_and_clients(tmp_path):
+    """A NaN training loss ends the run with `TrainingDiverged` (rounds before it are written);
+    ``stop_on_divergence: false`` runs on to the last round at chance."""
+    from fl_core.engine import TrainingDiverged
+
+    over = {"federation.lr": 1e6, "federation.rounds": 3, "federation.executor": "sequential"}
+    with pytest.raises(TrainingDiverged, match=r"round 1: .*client 0, 1, 2, 3, 4 and 1 more"):
+        run(build_config(synthetic_config(**over)), out_dir=tmp_path / "a")
+    rows = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [0]
+    off = synthetic_config(**over, **{"federation.stop_on_divergence": False})
+    result = run(build_config(off))
+    assert result.rounds_run == 3
+    assert result.history[-1].metrics["train_loss"] != result.history[-1].metrics["train_loss"]
+
+
+def test_cli_reports_a_diverged_run_in_one_paragraph(tmp_path):
+    from ktl.cli import app
+
+    sets = ["data.dataset=synthetic", "data.num_clients=2", "federation.rounds=2"]
+    sets += ["federation.lr=1e6", "model.name=mlp", "federation.executor=sequential"]
+    args = ["run", *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "x")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "diverged" in res.output and "federation.lr" in res.output
+
+
 def test_byte_counts_equal_model_size_times_clients():
     cfg = build_config(synthetic_config(**{"federation.rounds": 2, "federation.local_epochs": 1}))
     fed = Federation(cfg)

@@ -176,6 +176,23 @@ def test_pfedme_reports_its_personalised_models_accuracy():
     fed.close()
 
 
+def test_pfedme_defaults_train_a_cnn_at_the_protocols_lr_without_diverging():
+    """The paper's inner step 0.1 sends cnn4's loss to NaN in round 1 (PFLlib's protocol: lr
+    0.005, batch 10); the default 0.01 trains it."""
+    from helpers import tiny_config
+
+    from fl_core.engine import TrainingDiverged, run
+
+    cfg = tiny_config("pfedme", "cnn4", 2, classes=10, image_size=28, batch_size=10, lr=0.005)
+    cfg["data"]["source_options"]["num_samples"] = 800
+    result = run(build_config(cfg))
+    assert all(h.metrics["train_loss"] < 2.3 for h in result.history[1:])
+    assert result.best_test_acc > 0.15  # chance 0.1
+    cfg["algorithm"]["personal_lr"] = 0.1
+    with pytest.raises(TrainingDiverged, match="pfedme diverged"):
+        run(build_config(cfg))
+
+
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0])
 def test_pfedme_server_mixes_the_uniform_mean_with_the_old_global_by_beta(beta):
     fed = Federation(build_config(config("pfedme", beta=beta)))

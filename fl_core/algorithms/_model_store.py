@@ -158,7 +158,9 @@ def unpack_models(
     """Split `pack_models`' keys out of ``message``: (the other keys, the models in slot order).
 
     Every model must have exactly the keys and shapes of ``template``; a key that does not fit
-    raises `PartError` naming it, as the parts' loading does.
+    raises `PartError` naming it, as the parts' loading does. Each tensor is put on the device
+    of the template's tensor of that name (messages arrive on the CPU; a client computes on its
+    model's device).
     """
     rest: dict[str, Tensor] = {}
     slots: dict[int, dict[str, Tensor]] = {}
@@ -177,7 +179,7 @@ def unpack_models(
                 f"message key {flat_key!r} has shape {tuple(tensor.shape)}, but the client's "
                 f"tensor has shape {tuple(template[key].shape)}"
             )
-        slots.setdefault(int(slot), {})[key] = tensor
+        slots.setdefault(int(slot), {})[key] = tensor.to(template[key].device)
     models = []
     for slot in sorted(slots):
         missing = set(template) - set(slots[slot])

@@ -9,7 +9,7 @@
 
 from .checkpoint import load_checkpoint
 from .federation import Federation
-from .loop import run
+from .loop import TrainingDiverged, run
 from .results import RoundRecord, RunResult
 from .runtime import ClientRuntime, Task, TaskResult
 from .state_store import ClientStateStore
@@ -22,6 +22,7 @@ __all__ = [
     "RunResult",
     "Task",
     "TaskResult",
+    "TrainingDiverged",
     "load_checkpoint",
     "run",
 ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from fl_core.algorithms.base import Reply
 from fl_core.config import RunConfig, dump_config
 from fl_core.data.federated import FederatedDataset
 
@@ -18,6 +20,30 @@ from .results import RoundRecord, RunResult
 # Called after each round (and after round 0's evaluation) with the round's record (None when
 # the round was not evaluated); a true return value ends the run after that round.
 OnRound = Callable[[int, RoundRecord | None], bool | None]
+
+
+class TrainingDiverged(RuntimeError):
+    """A client's training loss was not finite: the run diverged (see
+    ``federation.stop_on_divergence``)."""
+
+
+def check_divergence(replies: Mapping[int, Reply], round: int, algorithm: str, lr: float) -> None:
+    """Raise `TrainingDiverged` naming the clients whose reported training loss is NaN or
+    infinite (a client that reports no loss is not checked)."""
+    bad = [
+        cid
+        for cid, reply in replies.items()
+        if isinstance(loss := reply.metrics.get("train_loss"), int | float)
+        and not math.isfinite(loss)
+    ]
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise TrainingDiverged(
+            f"round {round}: the training loss of client {shown} is not finite: {algorithm} "
+            f"diverged. Lower federation.lr (now {lr:g}) or the algorithm's step sizes, or set "
+            "federation.stop_on_divergence: false to run on regardless. The metrics of the "
+            "rounds before this one are written; no checkpoint is written for this round."
+        )
 
 
 def run(
@@ -92,6 +118,8 @@ def run(
                 break
             t0 = time.perf_counter()
             up, down = federation.train_round(rnd)
+            if fed_cfg.stop_on_divergence:
+                check_divergence(federation.pending_replies, rnd, result.algorithm, fed_cfg.lr)
             t1 = time.perf_counter()
             federation.aggregate(rnd)
             t2 = time.perf_counter()
