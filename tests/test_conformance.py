@@ -14,6 +14,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from fl_core.algorithms import AlgorithmError, registered_algorithms, tensor_nbytes
 from fl_core.config import build_config
@@ -202,6 +203,22 @@ def test_resume_equals_an_uninterrupted_run(algorithm, model, tmp_path):
         for x in (d / "metrics.jsonl").read_text().splitlines()
     ]
     assert lines(tmp_path / "cut") == lines(tmp_path / "full")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algorithm, model", CASES)
+def test_on_cuda_a_run_tracks_the_cpu_run(algorithm, model):
+    """Messages arrive on the CPU while a client's model is on the GPU: a tensor left on the
+    wrong device fails here (FedFomo's peer models once did, only on CUDA). The run's rounds,
+    bytes and accuracies track the CPU run's (float rounding differs between devices)."""
+    cpu = trace(run(build_config(tiny_config(algorithm, model))))
+    gpu = trace(run(build_config({**tiny_config(algorithm, model), "device": "cuda"})))
+    assert len(gpu) == len(cpu)
+    for rg, rc in zip(gpu[:-1], cpu[:-1], strict=True):
+        assert rg[0] == rc[0] and rg[2:] == rc[2:]
+        assert math.isfinite(rg[1]["train_loss"]), rg[0]
+        assert rg[1]["test_acc"] == pytest.approx(rc[1]["test_acc"], abs=0.1), rg[0]
+    assert gpu[-1][1]["test_acc"] == pytest.approx(cpu[-1][1]["test_acc"], abs=0.1)
 
 
 @pytest.mark.parametrize(
