@@ -77,8 +77,10 @@ NOTES = [
     "samples, `benchmarks/results/shared_gpu.md`), with the GPU busy in 95-99% of the samples "
     "of `nvidia-smi` and a load average of about 7.5: 8 processes fill the GPU's time slices, "
     "15 only make each slower. On that machine FedALA (249 s a round over its first two "
-    "rounds, which include ALA's training to convergence) and APFL (129 s, round 1) were far "
-    "slower than FedAvg-like rows (11-15 s); not investigated.",
+    "rounds, which include ALA's training to convergence) was far slower than FedAvg-like "
+    "rows (11-15 s); not investigated. APFL's first row (129 s, round 1) ran beside 14 others; "
+    "in the second H200 call of 2026-11-27 (8 at a time) it took 30-32 s a round, twice "
+    "FedAMP's 15 s, as two models train per batch.",
     "- FedAvg's gap is one of rounds: PFLlib's own FedAvg code on exactly these clients "
     "(`benchmarks/pfllib_crosscheck.py`, `pfllib_crosscheck.md`, CPU 2026-11-27) reaches "
     "68.68 (pat) and 67.39 (dir) at round 20, against our 68.00 (best, round 19) and 67.90; "
@@ -118,6 +120,18 @@ NOTES = [
     "peak lower (93.87 default, 93.49 `local`): within 20 rounds the figure moves by about 3 "
     "points with the initial weights alone. PFLlib's 99.85 is a best over 2,000 rounds; our "
     "dir run on the GPU was still rising at round 17 (91.32).",
+    "- Second H200 call of 2026-11-27 (10 rows, 8 at a time, 520 s): FedAMP finished 20 "
+    "rounds (98.56 pat, 94.44 dir); APPLE ran 17 and is level with PFLlib's figures by round "
+    "14 (99.32 against 99.30 pat, 97.59 against 97.06 dir); APFL ran 15-16 and climbs slowly "
+    "(82.97 pat, 75.61 dir; our mix weight starts at the paper's 0.5, PFLlib's at 1.0, i.e. "
+    "at the purely local model: the likely cause of the gap, not run). FedFomo stopped in "
+    "round 2 on CUDA (received peer models were left on the CPU; fixed, and "
+    "`tests/test_conformance.py` now runs every algorithm on CUDA where there is one: all "
+    "pass on the H200 but FedKTL, whose builtin generator needs diffusers, absent there). "
+    "pFedMe with the paper's inner step 0.1 went to a NaN loss in round 1 and stayed at "
+    "chance (10.0%), on the H200 and on the CPU alike; those rows are not kept, the default "
+    "inner step is now 0.01 (PFLlib's), and a run whose training loss is not finite now "
+    "stops with an error (`federation.stop_on_divergence`).",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
