@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_rows(path: Path = ROWS) -> list[dict]:
+def load_rows(path: Path | None = None) -> list[dict]:
+    path = ROWS if path is None else path
     return json.loads(path.read_text()) if path.exists() else []
 
 
