@@ -131,7 +131,7 @@ class APPLEClient(PersonalModelClient):
         ctx, i = self.ctx, self.ctx.client_id
         self.model.load_state_dict(self.cores[i])  # own core, and its buffers
         names = [n for n, _ in self.model.named_parameters()]
-        stacked = {n: torch.stack([c[n] for c in self.cores]).to(ctx.device) for n in names}
+        stacked = {n: torch.stack([c[n] for c in self.cores]) for n in names}
         own = {n: stacked[n][i].clone().requires_grad_(True) for n in names}
         if self.dr["p"].numel() != self.p0.numel():  # first participation: start at p_0
             self.dr["p"] = self.p0.float().clone()
