@@ -56,6 +56,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(GeneratorError)
     except ImportError:  # pragma: no cover
         pass
+    from fl_core.flower import FlowerError  # no Flower import: the error type only
+
+    errors.append(FlowerError)
     return tuple(errors)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,82 @@ def test_flower_deployment_executor_outside_a_server_app_is_refused():
             fed.executor  # noqa: B018
     finally:
         fed.close()
+
+
+def test_simulation_close_shuts_ray_down_when_flower_does_not_stop(monkeypatch, tmp_path):
+    """A simulation thread that does not return after the ServerApp is released (seen after a
+    failed start) must not leave Ray and its workers running: close shuts Ray down itself,
+    and only then; the temporary partition folder goes either way."""
+    import sys
+    import tempfile
+    import threading
+    import types
+
+    import fl_core.flower.simulation as sim
+
+    calls = []
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True, shutdown=lambda: calls.append(1))
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setattr(sim, "STOP_TIMEOUT_S", 0.05)
+
+    def executor(stops: bool):
+        ex = object.__new__(sim.SimulationExecutor)
+        ex._stop, release = threading.Event(), threading.Event()
+        ex._thread = threading.Thread(
+            target=(ex._stop.wait if stops else release.wait), args=(5.0,), daemon=True
+        )
+        ex._thread.start()
+        ex._tmp = tempfile.TemporaryDirectory(dir=tmp_path)
+        return ex, release
+
+    ex, release = executor(stops=True)
+    ex.close()
+    assert calls == [] and not Path(ex._tmp.name).exists()
+
+    ex, release = executor(stops=False)
+    ex.close()
+    release.set()
+    assert calls == [1] and not Path(ex._tmp.name).exists()
+
+
+def test_node_discovery_gives_a_first_answer_the_whole_node_wait(monkeypatch):
+    """Nodes that start slowly (the simulation's Ray workers import their app first) get the
+    executor's whole node_wait to answer the first query, not a fixed minute; later rounds'
+    look-ups wait a minute; no answer at all gives the executor's own hint."""
+    import types
+
+    import fl_core.flower.executor as executor_mod
+    from fl_core.flower.executor import FlowerError, GridExecutor
+
+    clock = types.SimpleNamespace(t=0.0)
+
+    def sleep(seconds):
+        clock.t += seconds
+
+    monkeypatch.setattr(
+        executor_mod, "time", types.SimpleNamespace(monotonic=lambda: clock.t, sleep=sleep)
+    )
+    # a Flower Message needs a running app; the queries here are never read
+    monkeypatch.setattr(executor_mod, "Message", lambda *args, **kwargs: (args, kwargs))
+
+    class SilentGrid:  # two nodes that never answer: each exchange waits out its timeout
+        def __init__(self):
+            self.timeouts = []
+
+        def get_node_ids(self):
+            return [11, 12]
+
+        def send_and_receive(self, messages, timeout=None):
+            self.timeouts.append(timeout)
+            sleep(timeout)
+            return []
+
+    grid = SilentGrid()
+    ex = GridExecutor(grid, "digest", 2, node_wait=300.0, no_nodes_hint="try fewer workers")
+    with pytest.raises(FlowerError, match="within 300 s; try fewer workers"):
+        ex.map([Task("fit", 0, 1, {}, "", {})])
+    assert grid.timeouts == [300.0]  # one exchange given the whole wait
+
+    grid = SilentGrid()
+    assert GridExecutor(grid, "digest", 2, node_wait=5.0).discover(wait=0.0) == {}
+    assert grid.timeouts == [60.0]

@@ -46,6 +46,10 @@ def quiet_flower() -> None:
         logger.addFilter(_KnownDeprecation())
 
 
+class FlowerError(RuntimeError):
+    """The Flower side of a run failed (no nodes, simulation did not start, ...)."""
+
+
 def require_flower() -> None:
     try:
         import flwr  # noqa: F401

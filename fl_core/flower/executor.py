@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from fl_core.algorithms import Message as KtlMessage
 from fl_core.engine.runtime import Task, TaskResult
 
+from . import FlowerError
 from .client import PARTITION_ID
 from .codec import CodecError, decode_result, encode_task
 
@@ -28,10 +29,6 @@ if TYPE_CHECKING:
     from fl_core.engine.federation import Federation
 
 log = logging.getLogger("ktl.flower")
-
-
-class FlowerError(RuntimeError):
-    """The Flower side of a run failed (no nodes, simulation did not start, ...)."""
 
 
 class GridExecutor:
@@ -44,12 +41,15 @@ class GridExecutor:
         num_partitions: int,
         round_timeout: float | None = None,
         node_wait: float = 120.0,
+        no_nodes_hint: str = "are the SuperNodes connected and started with "
+        "--node-config 'partition-id=...'?",
     ) -> None:
         self.grid = grid
         self.digest = config_digest
         self.num_partitions = num_partitions
         self.round_timeout = round_timeout
         self.node_wait = node_wait
+        self.no_nodes_hint = no_nodes_hint
         self.nodes: dict[int, int] = {}  # client (partition) id -> Flower node id
         self.dropped: list[tuple[int, int, str]] = []  # (round, client id, why)
         self._broadcast: KtlMessage = {}
@@ -68,7 +68,9 @@ class GridExecutor:
                 queries = [
                     Message(RecordDict(), dst_node_id=n, message_type="query") for n in unknown
                 ]
-                for reply in self.grid.send_and_receive(queries, timeout=60.0):
+                # a first query may wait for the node to start its app (imports, data)
+                timeout = max(60.0, deadline - time.monotonic())
+                for reply in self.grid.send_and_receive(queries, timeout=timeout):
                     if reply.has_error():
                         log.warning(
                             "node %s did not say its partition: %s",
@@ -99,8 +101,8 @@ class GridExecutor:
             self._discovered = True
             if not self.nodes:
                 raise FlowerError(
-                    f"no Flower node reported a partition within {self.node_wait:.0f} s; are the "
-                    "SuperNodes connected and started with --node-config 'partition-id=...'?"
+                    f"no Flower node reported a partition within {self.node_wait:.0f} s; "
+                    + self.no_nodes_hint
                 )
         else:
             self.discover()

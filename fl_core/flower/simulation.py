@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -32,6 +33,7 @@ from .executor import FlowerError, GridExecutor
 log = logging.getLogger("ktl.flower")
 
 START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 120.0  # for Flower to stop its workers and Ray once the ServerApp returns
 
 
 class SimulationExecutor(GridExecutor):
@@ -98,7 +100,13 @@ class SimulationExecutor(GridExecutor):
             config_digest(config_text),
             dataset.num_clients,
             round_timeout=None,
-            node_wait=60.0,
+            # the first answer waits for Ray to start the workers and each to import its app,
+            # which takes minutes on a busy machine
+            node_wait=START_TIMEOUT_S,
+            no_nodes_hint=(
+                "the simulation's Ray workers did not answer (a busy machine, or workers "
+                "that failed to start: see the log above); try fewer federation.workers"
+            ),
         )
 
     def map(self, tasks):
@@ -108,6 +116,20 @@ class SimulationExecutor(GridExecutor):
 
     def close(self) -> None:
         self._stop.set()  # the ServerApp returns; Flower stops its workers and Ray
+        self._thread.join(timeout=STOP_TIMEOUT_S)
         if self._thread.is_alive():
-            self._thread.join(timeout=120.0)
+            # Flower did not wind down (seen after a start that timed out, the ServerApp
+            # returning while the workers still start): shut Ray down here, so that no worker
+            # process outlives the run
+            log.warning(
+                "Flower's simulation did not stop in %.0f s; shutting Ray down", STOP_TIMEOUT_S
+            )
+            shutdown_ray()
         self._tmp.cleanup()
+
+
+def shutdown_ray() -> None:
+    """Shut down this process's Ray runtime (and the workers it started), if one is up."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
