@@ -134,7 +134,9 @@ NOTES = [
     "chance (10.0%), on the H200 and on the CPU alike; those rows are not kept, the default "
     "inner step is now 0.01 (PFLlib's), and a run whose training loss is not finite now "
     "stops with an error (`federation.stop_on_divergence`). With 0.01 pFedMe pat reached "
-    "98.82 at round 18 (CPU; 97.27 after round 1), 0.5 below PFLlib's 99.35.",
+    "98.82 at round 18 (CPU; 97.27 after round 1), 0.5 below PFLlib's 99.35; dir reached "
+    "95.40 at round 17 (CPU; 93.9 at round 7, 94.2 at 20), 1.85 below PFLlib's 97.25, a gap "
+    "not traced (PFLlib's figure is a best over 2,000 rounds; no longer run here).",
     "- Third H200 call of 2026-11-27 (8 rows, 8 at a time, 540 s). APFL started at PFLlib's "
     "mix weight (`algorithm.alpha=1.0`: the personal model starts as the purely local one) is "
     "level with PFLlib within 16 rounds: 97.25 dir (PFLlib 97.25) and 99.18 pat (99.41), "

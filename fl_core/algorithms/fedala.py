@@ -15,7 +15,10 @@ the initialised model for the local epochs and uploads it; the trained model and
 
 Evaluation runs the same local aggregation on the received global model (the weights learned
 there are not kept) and evaluates the result, the model the client would train from, as PFLlib
-evaluates each client after its local aggregation.
+evaluates each client after its local aggregation. The cost: evaluation and the next round's
+training each learn weights on the same pair of models, so a round does two weight-learning
+epochs where PFLlib does one, and the first learning to convergence runs twice (in round 1's
+evaluation, then in round 2's training).
 
 Defaults are the paper's (eta = 1.0, s = 80%, p = the last layer: its weight and bias tensors,
 threshold 0.1 over the last 10 losses).
