@@ -246,11 +246,7 @@ class Synthesizer:
             else None
         )
         emb = self.embedding(images)
-        if m.cluster_size > 0:
-            k = max(1, round(emb.shape[0] / m.cluster_size))
-            bins = kmeans(emb, k, seed=cfg.seed)
-        else:
-            bins = emb.double()
+        bins = self.cluster_centroids(emb) if m.cluster_size > 0 else emb.double()
         noisy = np.stack(
             [
                 noisy_histogram(
@@ -301,6 +297,12 @@ class Synthesizer:
             out.append(chosen)
         return out, info
 
+    def cluster_centroids(self, emb: torch.Tensor) -> torch.Tensor:
+        """The k-means centroids PE votes over (``cluster_size`` candidates each on average),
+        a function of the public candidates only."""
+        k = max(1, round(emb.shape[0] / self.config.mechanism.cluster_size))
+        return kmeans(emb, k, seed=self.config.seed)
+
     def select(self, c: int, population: Population, strength: float) -> tuple[np.ndarray, dict]:
         m = self.config.mechanism
         emb, clusters = self._embedded(population)
@@ -328,11 +330,13 @@ class Synthesizer:
         if m.cluster_size > 0:
             # the clusters are a function of the public candidates only; each private image
             # still votes with one L2-norm-1 vector, now over the clusters
-            k = max(1, round(emb.shape[0] / m.cluster_size))
-            if k not in clusters:  # round 1: one shared pool, clustered once for all classes
-                centroids = kmeans(emb, k, seed=self.config.seed)
-                clusters[k] = (centroids, torch.cdist(emb.double(), centroids).argmin(1).numpy())
-            centroids, assign = clusters[k]
+            if "kmeans" not in clusters:  # once per population (round 1: one shared pool)
+                centroids = self.cluster_centroids(emb)
+                clusters["kmeans"] = (
+                    centroids,
+                    torch.cdist(emb.double(), centroids).argmin(1).numpy(),
+                )
+            centroids, assign = clusters["kmeans"]
             histogram = pe_histogram(centroids, own, m.nearest)
             cluster_counts, noisy = pe_select(
                 histogram, sigma, threshold, m.select, self.rng, m.noise
