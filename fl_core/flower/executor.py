@@ -43,6 +43,7 @@ class GridExecutor:
         node_wait: float = 120.0,
         no_nodes_hint: str = "are the SuperNodes connected and started with "
         "--node-config 'partition-id=...'?",
+        query_timeout: float = 60.0,
     ) -> None:
         self.grid = grid
         self.digest = config_digest
@@ -50,6 +51,7 @@ class GridExecutor:
         self.round_timeout = round_timeout
         self.node_wait = node_wait
         self.no_nodes_hint = no_nodes_hint
+        self.query_timeout = query_timeout  # how long one exchange waits for nodes to answer
         self.nodes: dict[int, int] = {}  # client (partition) id -> Flower node id
         self.dropped: list[tuple[int, int, str]] = []  # (round, client id, why)
         self._broadcast: KtlMessage = {}
@@ -68,9 +70,8 @@ class GridExecutor:
                 queries = [
                     Message(RecordDict(), dst_node_id=n, message_type="query") for n in unknown
                 ]
-                # a first query may wait for the node to start its app (imports, data)
-                timeout = max(60.0, deadline - time.monotonic())
-                for reply in self.grid.send_and_receive(queries, timeout=timeout):
+                replies = self.grid.send_and_receive(queries, timeout=self.query_timeout)
+                for reply in replies:
                     if reply.has_error():
                         log.warning(
                             "node %s did not say its partition: %s",

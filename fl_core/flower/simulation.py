@@ -103,6 +103,7 @@ class SimulationExecutor(GridExecutor):
             # the first answer waits for Ray to start the workers and each to import its app,
             # which takes minutes on a busy machine
             node_wait=START_TIMEOUT_S,
+            query_timeout=START_TIMEOUT_S,  # all nodes exist from the start: one exchange
             no_nodes_hint=(
                 "the simulation's Ray workers did not answer (a busy machine, or workers "
                 "that failed to start: see the log above); try fewer federation.workers"
