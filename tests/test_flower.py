@@ -305,3 +305,19 @@ def test_node_discovery_waits_as_long_as_the_executor_says(monkeypatch):
     grid = SilentGrid()
     assert GridExecutor(grid, "digest", 2, node_wait=130.0).discover(wait=130.0) == {}
     assert grid.timeouts == [60.0, 60.0, 60.0]  # at 0, 61 and 122 s
+
+
+def test_a_flower_error_is_a_one_paragraph_cli_error(tmp_path):
+    """`ktl run` with the deployment executor outside a ServerApp: exit 2, one paragraph that
+    names the way out (flower-sim), no traceback."""
+    import yaml
+
+    from ktl.cli import app
+
+    raw = tiny_config("fedavg")
+    raw["federation"]["executor"] = "flower"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["run", str(config), "-q", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "flower-sim" in result.output and "Traceback" not in result.output
