@@ -7,7 +7,10 @@
 #     python benchmarks/reproduce_pfllib.py --merge <dir>/rows.json
 # Variables: OUT (results folder), JOBS ("algorithm/scenario" items, in the order to run),
 # BUDGET (seconds from the start, default 540), PARALLEL (default 8: more only slow each run, benchmarks/results/shared_gpu.md), MIN_START (default 150),
-# ROUNDS (default 20), DEVICE (default cuda), EXTRA (more "key=value" overrides).
+# ROUNDS (default 20), DEVICE (default cuda), EXTRA (more "key=value" overrides), GRACE (default
+# 30: a job still running GRACE seconds past the budget gets SIGTERM and writes the row of the
+# rounds it finished, so that every row is collected in time). Keep BUDGET + GRACE about 30 s
+# under the device call's limit: a call cut off before the collection returns no rows.
 # Data: Fashion-MNIST's four IDX files in $KTL_DATA_ROOT (default ./.data/fashion_mnist).
 set -u
 OUT=${OUT:-/tmp/pfllib_device}
@@ -16,7 +19,7 @@ BUDGET=${BUDGET:-540}
 PARALLEL=${PARALLEL:-8}
 MIN_START=${MIN_START:-150}
 DEVICE=${DEVICE:-cuda}
-export END=$(($(date +%s) + BUDGET)) ROUNDS DEVICE MIN_START EXTRA=${EXTRA:-}
+export END=$(($(date +%s) + BUDGET)) ROUNDS DEVICE MIN_START EXTRA=${EXTRA:-} GRACE=${GRACE:-30}
 source "$(dirname "$0")/device_common.sh"
 device_prelude
 
@@ -24,7 +27,7 @@ job() {  # algorithm/scenario
   local a=${1%/*} s=${1#*/} left=$((END - $(date +%s))) sets=()
   if [ "$left" -lt "$MIN_START" ]; then echo "$1 not started ($left s left)"; return; fi
   for o in $EXTRA; do sets+=(--set "$o"); done
-  timeout $((left + 90)) python3 benchmarks/reproduce_pfllib.py --algorithms "$a" --scenarios "$s" \
+  timeout $((left + GRACE)) python3 benchmarks/reproduce_pfllib.py --algorithms "$a" --scenarios "$s" \
     --rounds "$ROUNDS" --deadline "$((left - 30))" --results "$WORK/rows/$a-$s.json" \
     --runs "$WORK/runs" "${sets[@]}" --set device="$DEVICE" --set threads=1 \
     --set federation.executor=sequential --set federation.checkpoint_every=null \

@@ -56,6 +56,8 @@ import json
 import os
 import platform
 import re
+import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -285,9 +287,12 @@ def run_row(
         print(f"  {group}/{algorithm} round {rnd}/{rounds}{acc}", flush=True)
         return deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline
 
-    summary = run(cfg, out_dir=out, on_round=progress, resume=resume).summary()
+    summary, cut = run_or_cut_off(
+        lambda: run(cfg, out_dir=out, on_round=progress, resume=resume), out
+    )
     if summary["stop_requested"]:
-        print(f"  {group}/{algorithm}: time budget spent after {summary['rounds']} rounds")
+        why = "cut off by SIGTERM" if cut else "time budget spent"
+        print(f"  {group}/{algorithm}: {why} after {summary['rounds']} rounds", flush=True)
     per_round = max(summary["rounds"], 1)
     fed = cfg.federation
     # nominal: exact with join ratio 1 and no drops, as in this protocol
@@ -313,6 +318,7 @@ def run_row(
         "bytes_down_per_round_per_client": summary["bytes_down"] / per_round / per_round_clients,
         "wall_seconds_this_session": time.perf_counter() - t0,
         "resumed": resume,
+        "cut_off": cut,
         "device": cfg.device,
         "machine": machine_name(cfg.device),
         "date": time.strftime("%Y-%m-%d"),
@@ -475,6 +481,62 @@ def comparison(by_setting: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
+class CutOff(Exception):
+    """SIGTERM arrived (``timeout`` in benchmarks/device_*.sh): the run stops where it is."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`CutOff` in this process, so that a run cut off by a time limit
+    still gives the row of the rounds it finished instead of none."""
+
+    def cut_off(signum, frame):
+        raise CutOff
+
+    signal.signal(signal.SIGTERM, cut_off)
+
+
+def summary_from_metrics(out: Path) -> dict:
+    """A run's summary (the fields the rows use) rebuilt from the rounds in its metrics.jsonl,
+    for a run that ended without returning one. A line cut off mid-write is skipped."""
+    records = []
+    path = out / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    trained = [r for r in records if r["round"] > 0]
+    accs = [r["test_acc"] for r in records if r["test_acc"] == r["test_acc"]]  # not NaN
+    best = max(accs) if accs else float("nan")
+    last = records[-1] if records else {}
+    rounds = last.get("round", 0)
+    return {
+        "best_test_acc": best,
+        "best_round": next((r["round"] for r in records if r["test_acc"] == best), None),
+        "final_test_acc": last.get("test_acc", float("nan")),
+        "rounds": rounds,
+        "seconds_per_round": last.get("seconds", 0.0) / max(rounds, 1),
+        "median_train_seconds": statistics.median(r["train_seconds"] for r in trained)
+        if trained
+        else 0.0,
+        "median_eval_seconds": statistics.median(r["eval_seconds"] for r in trained)
+        if trained
+        else 0.0,
+        "bytes_up": last.get("bytes_up", 0),
+        "bytes_down": last.get("bytes_down", 0),
+        "stop_requested": True,
+    }
+
+
+def run_or_cut_off(run_once, out: Path) -> tuple[dict, bool]:
+    """``run_once()``'s summary, or, when SIGTERM cuts it off, that of its finished rounds;
+    and whether it was cut off."""
+    try:
+        return run_once().summary(), False
+    except CutOff:
+        return summary_from_metrics(out), True
+
+
 def add_budget_options(ap: argparse.ArgumentParser) -> None:
     """``--deadline`` and ``--merge``: how a table is filled under a time budget elsewhere (a GPU
     machine) and its rows brought back."""
@@ -482,7 +544,8 @@ def add_budget_options(ap: argparse.ArgumentParser) -> None:
         "--deadline",
         type=float,
         default=None,
-        help="seconds: stop each run after the first round past this budget (a partial row)",
+        help="seconds: stop each run after the first round past this budget (a partial row); "
+        "a SIGTERM then also ends the run with the row of its finished rounds",
     )
     ap.add_argument(
         "--merge", nargs="+", type=Path, default=None, help="add the rows of other results JSONs"
@@ -521,6 +584,8 @@ def main() -> None:
         write_table(store, rows)
         return
     deadline = None if args.deadline is None else time.monotonic() + args.deadline
+    if args.deadline is not None:  # a budgeted run: a kill by `timeout` still gives a row
+        stop_on_sigterm()
     group, rounds = args.group, args.rounds
     extra, runtime = split_runtime(list(args.extra))
     algorithms = args.algorithms

@@ -32,7 +32,9 @@ from pathlib import Path
 from reproduce_htfl import (  # (this folder is on sys.path)
     add_budget_options,
     machine_name,
+    run_or_cut_off,
     split_runtime,
+    stop_on_sigterm,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,10 +216,13 @@ def run_row(
         print(f"  {algorithm}/{scenario} round {rnd}/{rounds}{acc}", flush=True)
         return deadline is not None and 0 < rnd < rounds and time.monotonic() > deadline
 
-    summary = run(cfg, out_dir=out, on_round=progress, resume=resume).summary()
+    summary, cut = run_or_cut_off(
+        lambda: run(cfg, out_dir=out, on_round=progress, resume=resume), out
+    )
     rounds_run = summary["rounds"]
     if summary["stop_requested"]:
-        print(f"  {algorithm}/{scenario}: time budget spent after {rounds_run} rounds")
+        why = "cut off by SIGTERM" if cut else "time budget spent"
+        print(f"  {algorithm}/{scenario}: {why} after {rounds_run} rounds", flush=True)
     per_round = max(rounds_run, 1)
     return {
         "algorithm": algorithm,
@@ -232,6 +237,7 @@ def run_row(
         "bytes_down_per_round": summary["bytes_down"] / per_round,
         "wall_seconds_this_session": time.perf_counter() - t0,
         "resumed": resume,
+        "cut_off": cut,
         "runtime": list(runtime),
         "device": cfg.device,
         "machine": machine_name(cfg.device),
@@ -321,6 +327,8 @@ def main() -> None:
         write_table(rows)
         return
     deadline = None if args.deadline is None else time.monotonic() + args.deadline
+    if args.deadline is not None:  # a budgeted run: a kill by `timeout` still gives a row
+        stop_on_sigterm()
     extra, runtime = split_runtime(list(args.extra))
     if not args.table:
         for scenario in args.scenarios:

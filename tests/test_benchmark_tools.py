@@ -96,3 +96,79 @@ def test_crosscheck_hands_pfllib_our_exact_clients_and_reads_its_accuracies(tmp_
     with pytest.raises(SystemExit, match="exited with 3 after 0 evaluations"):
         cc.main(["--pfllib", str(checkout), "--algorithm", "FedAvg", "--scenario", "pat"])
     assert len(json.loads((tmp_path / "results" / "cc.json").read_text())) == 1
+
+
+CUT_OFF_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])  # benchmarks/
+sys.path.insert(0, sys.argv[2])  # tests/
+from pathlib import Path
+from helpers import tiny_config
+from reproduce_htfl import run_or_cut_off, stop_on_sigterm
+from fl_core.config import build_config
+from fl_core.engine import run
+
+out = Path(sys.argv[3])
+raw = tiny_config("fedavg", rounds=10000)
+stop_on_sigterm()
+summary, cut = run_or_cut_off(lambda: run(build_config(raw), out_dir=out), out)
+print(json.dumps({"summary": summary, "cut": cut}), flush=True)
+"""
+
+
+def test_a_budgeted_run_killed_by_sigterm_still_gives_the_row_of_its_finished_rounds(tmp_path):
+    """The device scripts kill a run that overruns its budget (``timeout``, SIGTERM): the run
+    ends cleanly with the summary of the rounds in its metrics, so its row is not lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CUT_OFF_CHILD, str(ROOT / "benchmarks"), str(ROOT / "tests"), out],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and child.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    stdout, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, stdout
+    result = json.loads(stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = result["summary"]
+    assert result["cut"] is True and summary["stop_requested"] is True
+    assert summary["rounds"] == records[-1]["round"] >= 3
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in records)
+    assert summary["bytes_up"] == records[-1]["bytes_up"] > 0
+
+
+def test_summary_from_metrics_skips_a_line_cut_off_mid_write(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reproduce_htfl import summary_from_metrics
+
+    lines = [
+        {"round": r, "test_acc": acc, "bytes_up": 100 * r, "bytes_down": 200 * r,
+         "seconds": 10.0 * r, "train_seconds": 8.0, "eval_seconds": 1.0 + r}
+        for r, acc in [(0, 0.1), (1, 0.5), (2, 0.7), (3, 0.6)]
+    ]  # fmt: skip
+    text = "\n".join(json.dumps(x) for x in lines) + '\n{"round": 4, "test_a'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    s = summary_from_metrics(tmp_path)
+    assert (s["rounds"], s["best_test_acc"], s["best_round"], s["final_test_acc"]) == (
+        3,
+        0.7,
+        2,
+        0.6,
+    )
+    assert (s["bytes_up"], s["bytes_down"], s["seconds_per_round"]) == (300, 600, 10.0)
+    assert (s["median_train_seconds"], s["median_eval_seconds"]) == (8.0, 3.0)
