@@ -6,7 +6,8 @@
 #     python benchmarks/reproduce_htfl.py --merge <dir>/rows.json
 # Variables: OUT (results folder), CPU4 and HTFE8 (algorithms for HtFE-img-cpu-4 and
 # HtFE-img-8; empty: none), BUDGET_CPU4 and BUDGET_HTFE8 (seconds of training each), ROUNDS (default 20),
-# GRACE (seconds a job may run past its budget before it is killed, default 120), DEVICE
+# GRACE (seconds a job may run past its budget before SIGTERM ends it with the row of the rounds
+# it finished, default 120), DEVICE
 # (default cuda), EXTRA (more "key=value" overrides, space-separated).
 # Data: Fashion-MNIST's four IDX files in $KTL_DATA_ROOT (default ./.data/fashion_mnist).
 set -u
