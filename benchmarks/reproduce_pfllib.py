@@ -159,8 +159,9 @@ NOTES = [
     "training in round 2, then 3.4 s). PFLlib learns once per round, before it evaluates and "
     "trains; here the evaluation repeats the weight learning of the next round's training. "
     "Since then the first learning computes the body's features once and learns on the head "
-    "alone (same metrics, bit for bit, in that probe; round 1's evaluation 2.4 s instead of "
-    "10.9, round 2's training 4.1 s instead of 13.1); not yet run on the GPU.",
+    "alone: the same metrics bit for bit, round 1's evaluation 5x and round 2's training about 3x "
+    "faster on the CPU (`benchmarks/results/fedala_first_aggregation.md`); not yet run on the "
+    "GPU.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
