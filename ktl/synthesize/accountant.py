@@ -40,13 +40,30 @@ class BudgetError(ValueError):
     """A privacy budget that is invalid or that a run would exceed; says what would fit."""
 
 
-def check_budget(epsilon: float, delta: float) -> tuple[float, float]:
+def epsilon_problem(epsilon: object) -> str | None:
+    """What is wrong with a total epsilon (None: nothing); the config's check and the
+    accountants' are this one."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or math.isnan(epsilon):
-        raise BudgetError(f"privacy.epsilon must be a positive number or .inf, got {epsilon!r}")
+        return "must be a positive number or .inf"
     if epsilon <= 0:
-        raise BudgetError(f"privacy.epsilon must be > 0 (or .inf for no privacy), got {epsilon!r}")
+        return "must be > 0 (or .inf for no privacy)"
+    return None
+
+
+def delta_problem(delta: object) -> str | None:
+    """What is wrong with a total delta (None: nothing)."""
     if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1:
-        raise BudgetError(f"privacy.delta must be a number in [0, 1), got {delta!r}")
+        return "must be a number in [0, 1)"
+    return None
+
+
+def check_budget(epsilon: float, delta: float) -> tuple[float, float]:
+    for name, value, problem in (
+        ("epsilon", epsilon, epsilon_problem(epsilon)),
+        ("delta", delta, delta_problem(delta)),
+    ):
+        if problem is not None:
+            raise BudgetError(f"privacy.{name} {problem}, got {value!r}")
     return float(epsilon), float(delta)
 
 

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .accountant import delta_problem, epsilon_problem
+
 
 class SynthesisConfigError(ValueError):
     """A configuration problem: the field, the value, and what would be valid."""
@@ -98,19 +100,20 @@ class PrivacySection(_Strict):
             return math.inf
         return value
 
+    # checked when the config loads, before a generator is loaded or anything is written, by
+    # the accountant's own rules
     @field_validator("epsilon")
     @classmethod
     def _positive(cls, value: float) -> float:
-        # checked when the config loads, before a generator is loaded or anything is written
-        if math.isnan(value) or value <= 0:
-            raise ValueError("must be > 0 (or .inf for no privacy)")
+        if (problem := epsilon_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("delta")
     @classmethod
     def _probability(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError("must be a number in [0, 1)")
+        if (problem := delta_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
 
