@@ -336,7 +336,7 @@ def test_fedala_first_aggregation_on_cached_features_learns_what_the_full_model_
     fed.aggregate(1)
     broadcast = fed.server.broadcast(2)
     probe = fed.runtime.client(0, 2, "train", fed.store.get(0))
-    assert probe._head_only(probe.model)  # the default takes the cached path on this model
+    assert probe._head_only(probe._temp)  # the default takes the cached path on this model
 
     def aggregate(cid: int, cached: bool):
         monkeypatch.setattr(FedALAClient, "_head_only", lambda self, model: cached)
