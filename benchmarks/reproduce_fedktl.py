@@ -41,12 +41,15 @@ START, END = htfl.EXPLANATION_START, htfl.EXPLANATION_END
 
 def server_share(row: dict, store: htfl.Store) -> float | None:
     """Median over rounds of (server aggregation seconds / round seconds), from the run's
-    per-round records; None without a run folder here."""
+    per-round records; None without this row's run folder here."""
     folder = htfl.run_folder(store, row["algorithm"], row["group"], row["overrides"])
     metrics = folder / "metrics.jsonl"
     if not metrics.exists():
         return None
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r["round"] <= row.get("rounds_run", row["rounds"])]
+    if not recs or max(r["test_acc"] for r in recs) != row["best_test_acc"]:
+        return None  # the folder holds another run (the row came from another machine)
     shares, last = [], None
     for r in recs:
         if last is not None and r["round"] > 0:
