@@ -57,7 +57,6 @@ import os
 import platform
 import re
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -495,37 +494,15 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, cut_off)
 
 
-def summary_from_metrics(out: Path) -> dict:
-    """A run's summary (the fields the rows use) rebuilt from the rounds in its metrics.jsonl,
-    for a run that ended without returning one. A line cut off mid-write is skipped."""
-    records = []
-    path = out / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    trained = [r for r in records if r["round"] > 0]
-    accs = [r["test_acc"] for r in records if r["test_acc"] == r["test_acc"]]  # not NaN
-    best = max(accs) if accs else float("nan")
-    last = records[-1] if records else {}
-    rounds = last.get("round", 0)
-    return {
-        "best_test_acc": best,
-        "best_round": next((r["round"] for r in records if r["test_acc"] == best), None),
-        "final_test_acc": last.get("test_acc", float("nan")),
-        "rounds": rounds,
-        "seconds_per_round": last.get("seconds", 0.0) / max(rounds, 1),
-        "median_train_seconds": statistics.median(r["train_seconds"] for r in trained)
-        if trained
-        else 0.0,
-        "median_eval_seconds": statistics.median(r["eval_seconds"] for r in trained)
-        if trained
-        else 0.0,
-        "bytes_up": last.get("bytes_up", 0),
-        "bytes_down": last.get("bytes_down", 0),
-        "stop_requested": True,
-    }
+def summary_from_metrics(out: Path, algorithm: str = "") -> dict:
+    """A run's summary rebuilt from the rounds in its metrics.jsonl, for a run that ended
+    without returning one (its seconds per round count training, aggregation and evaluation)."""
+    from fl_core.engine.outputs import read_metrics
+    from fl_core.engine.results import RunResult
+
+    result = RunResult.from_history(algorithm, read_metrics(out / "metrics.jsonl"))
+    result.stop_requested = True
+    return result.summary()
 
 
 def run_or_cut_off(run_once, out: Path) -> tuple[dict, bool]:

@@ -157,10 +157,18 @@ def test_summary_from_metrics_skips_a_line_cut_off_mid_write(tmp_path):
     from reproduce_htfl import summary_from_metrics
 
     lines = [
-        {"round": r, "test_acc": acc, "bytes_up": 100 * r, "bytes_down": 200 * r,
-         "seconds": 10.0 * r, "train_seconds": 8.0, "eval_seconds": 1.0 + r}
-        for r, acc in [(0, 0.1), (1, 0.5), (2, 0.7), (3, 0.6)]
-    ]  # fmt: skip
+        {
+            "round": r,
+            "test_acc": acc,
+            "bytes_up": 100 * r,
+            "bytes_down": 200 * r,
+            "seconds": 10.0 * r,
+            "train_seconds": 8.0 * (r > 0),
+            "aggregate_seconds": 0.5 * (r > 0),
+            "eval_seconds": 1.0 + r,
+        }
+        for r, acc in [(0, None), (1, 0.5), (2, 0.7), (3, 0.6)]
+    ]  # fmt: skip  (round 0's accuracy written as null, as NaN is)
     text = "\n".join(json.dumps(x) for x in lines) + '\n{"round": 4, "test_a'
     (tmp_path / "metrics.jsonl").write_text(text)
     s = summary_from_metrics(tmp_path)
@@ -170,5 +178,36 @@ def test_summary_from_metrics_skips_a_line_cut_off_mid_write(tmp_path):
         2,
         0.6,
     )
-    assert (s["bytes_up"], s["bytes_down"], s["seconds_per_round"]) == (300, 600, 10.0)
+    # seconds per round: training + aggregation + evaluation of rounds 1-3, not round 0's eval
+    assert (s["bytes_up"], s["bytes_down"], s["seconds_per_round"]) == (300, 600, 11.5)
     assert (s["median_train_seconds"], s["median_eval_seconds"]) == (8.0, 3.0)
+
+
+def test_summary_from_metrics_of_a_finished_run_is_the_runs_own_summary(tmp_path):
+    """Rebuilt from ``metrics.jsonl`` alone, a run's summary has the figures the run returned
+    (seconds aside: the run's own also count checkpoint writes)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from helpers import tiny_config
+    from reproduce_htfl import summary_from_metrics
+
+    from fl_core.config import build_config
+    from fl_core.engine import run
+
+    raw = tiny_config("fedavg", rounds=3)
+    own = run(build_config(raw), out_dir=tmp_path).summary()
+    rebuilt = summary_from_metrics(tmp_path, own["algorithm"])
+    for key in (
+        "best_test_acc",
+        "best_round",
+        "final_test_acc",
+        "rounds",
+        "bytes_up",
+        "bytes_down",
+        "final_metrics",
+        "median_train_seconds",
+        "median_eval_seconds",
+    ):
+        assert rebuilt[key] == own[key], key  # fmt: skip
+    assert rebuilt["stop_requested"] is True

@@ -57,6 +57,19 @@ class MetricsFile:
         self._file.close()
 
 
+def read_metrics(path: Path) -> list[RoundRecord]:
+    """The records of a ``metrics.jsonl`` (null back to NaN); a last line cut off mid-write by a
+    killed run is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records.append(RoundRecord.from_json(from_json_floats(data)))
+    return records
+
+
 def write_summary(result: RunResult, out: Path) -> None:
     atomic_write_text(out / "summary.json", json.dumps(finite(result.summary()), indent=2))
     plot_curves(result, out / "curves.png")

@@ -31,6 +31,24 @@ class RoundRecord:
             "eval_seconds": self.eval_seconds,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundRecord:
+        """The inverse of `as_json`: every key that is not a counter is a metric."""
+        fixed = {k: data[k] for k in _RECORD_FIELDS}
+        metrics = {k: v for k, v in data.items() if k not in _RECORD_FIELDS}
+        return cls(metrics=metrics, **fixed)
+
+
+_RECORD_FIELDS = (
+    "round",
+    "bytes_up",
+    "bytes_down",
+    "seconds",
+    "train_seconds",
+    "aggregate_seconds",
+    "eval_seconds",
+)
+
 
 @dataclass
 class RunResult:
@@ -84,6 +102,21 @@ class RunResult:
         if self.new_client_metrics is not None:
             out["new_clients"] = self.new_client_metrics
         return out
+
+    @classmethod
+    def from_history(cls, algorithm: str, history: list[RoundRecord]) -> RunResult:
+        """The result of a run known only by its evaluated rounds (its ``metrics.jsonl``; for a
+        run cut off before it could return one). A round's seconds are its training,
+        aggregation and evaluation; rounds that were not evaluated are not in it."""
+        trained = [r for r in history if r.round > 0]
+        return cls(
+            algorithm=algorithm,
+            history=list(history),
+            rounds_run=history[-1].round if history else 0,
+            round_seconds=[r.train_seconds + r.aggregate_seconds + r.eval_seconds for r in trained],
+            train_seconds=[r.train_seconds for r in trained],
+            eval_seconds=[r.eval_seconds for r in trained],
+        )
 
     # checkpoints store the result so far as JSON
     def to_json(self) -> dict[str, Any]:
