@@ -290,15 +290,8 @@ def test_node_discovery_waits_as_long_as_the_executor_says(monkeypatch):
             return []
 
     grid = SilentGrid()
-    ex = GridExecutor(
-        grid,
-        "digest",
-        2,
-        node_wait=sim.START_TIMEOUT_S,
-        query_timeout=sim.START_TIMEOUT_S,
-        no_nodes_hint="try fewer workers",
-    )
-    with pytest.raises(FlowerError, match=r"within 300 s; try fewer workers"):
+    ex = GridExecutor(grid, "digest", 2, **sim.GRID_OPTIONS)  # as SimulationExecutor makes it
+    with pytest.raises(FlowerError, match=r"within 300 s; the simulation's Ray workers"):
         ex.map([Task("fit", 0, 1, {}, "", {})])
     assert grid.timeouts == [300.0]
 

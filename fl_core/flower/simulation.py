@@ -36,6 +36,20 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0  # for Flower to stop its workers and Ray once the ServerApp returns
 
 
+# how the simulation's executor waits for its nodes: the first answer waits for Ray to start
+# the workers and each to import its app, which takes minutes on a busy machine; all nodes exist
+# from the start, so one exchange waits the whole time
+GRID_OPTIONS = {
+    "round_timeout": None,
+    "node_wait": START_TIMEOUT_S,
+    "query_timeout": START_TIMEOUT_S,
+    "no_nodes_hint": (
+        "the simulation's Ray workers did not answer (a busy machine, or workers "
+        "that failed to start: see the log above); try fewer federation.workers"
+    ),
+}
+
+
 class SimulationExecutor(GridExecutor):
     """A GridExecutor over Flower's simulation runtime, started and stopped with it."""
 
@@ -99,15 +113,7 @@ class SimulationExecutor(GridExecutor):
             grid,
             config_digest(config_text),
             dataset.num_clients,
-            round_timeout=None,
-            # the first answer waits for Ray to start the workers and each to import its app,
-            # which takes minutes on a busy machine
-            node_wait=START_TIMEOUT_S,
-            query_timeout=START_TIMEOUT_S,  # all nodes exist from the start: one exchange
-            no_nodes_hint=(
-                "the simulation's Ray workers did not answer (a busy machine, or workers "
-                "that failed to start: see the log above); try fewer federation.workers"
-            ),
+            **GRID_OPTIONS,
         )
 
     def map(self, tasks):
