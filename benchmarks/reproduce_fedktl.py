@@ -42,28 +42,39 @@ START, END = htfl.EXPLANATION_START, htfl.EXPLANATION_END
 def server_share(row: dict, store: htfl.Store) -> float | None:
     """Median over rounds of (server aggregation seconds / round seconds), from the run's
     per-round records; None without this row's run folder here."""
+    from fl_core.engine.outputs import read_metrics
+
     folder = htfl.run_folder(store, row["algorithm"], row["group"], row["overrides"])
-    metrics = folder / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r["round"] <= row.get("rounds_run", row["rounds"])]
-    if not recs or max(r["test_acc"] for r in recs) != row["best_test_acc"]:
+    last = row.get("rounds_run", row["rounds"])
+    recs = [r for r in read_metrics(folder / "metrics.jsonl") if r.round <= last]
+    if not recs or max(r.metrics["test_acc"] for r in recs) != row["best_test_acc"]:
         return None  # the folder holds another run (the row came from another machine)
-    shares, last = [], None
-    for r in recs:
-        if last is not None and r["round"] > 0:
-            spent = r["seconds"] - last
-            if spent > 0:
-                shares.append(r["aggregate_seconds"] / spent)
-        last = r["seconds"]
+    shares = [
+        r.aggregate_seconds / (r.seconds - prev.seconds)
+        for prev, r in zip(recs, recs[1:], strict=False)
+        if r.round > 0 and r.seconds > prev.seconds
+    ]
     return statistics.median(shares) if shares else None
+
+
+def record_server_shares(store: htfl.Store) -> list:
+    """The rows, each with its ``server_share`` measured once from its run folder and then kept
+    in the row (run folders do not travel between machines; the rows do)."""
+    rows = store.load()
+    changed = False
+    for r in rows:
+        if r.get("server_share") is None and (share := server_share(r, store)) is not None:
+            r["server_share"] = share
+            changed = True
+    if changed:
+        store.save(rows)
+    return rows
 
 
 def write_table(store: htfl.Store, transfer_rows: list) -> None:
     from ktl.transfer import format_table, summarize
 
-    rows = store.load()
+    rows = record_server_shares(store)
     by_setting = htfl.settings(rows)
     key = htfl.main_setting(by_setting)
     ours = by_setting.get(key, []) if key is not None else []
@@ -79,14 +90,15 @@ def write_table(store: htfl.Store, transfer_rows: list) -> None:
         lines += [
             f"{key[0]}, {htfl.plural(key[2], 'round')}; the rows of `htfl_fmnist.md` with "
             "FedKTL among them. Server share = median over rounds of the server's aggregation "
-            "time over the round's time (blank where the run folder is not on this machine).",
+            "time over the round's time, measured from the run's records (blank where they were "
+            "not kept).",
             "",
             "| rank | algorithm | rounds run | best % (round) | up / round / client "
             "| down / round / client | s / round | server share | device |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for rank, r in enumerate(ours, 1):
-            share = server_share(r, store)
+            share = r.get("server_share")
             lines.append(
                 f"| {rank} | {htfl.label(r)} | {r.get('rounds_run', r['rounds'])} | "
                 f"{100 * r['best_test_acc']:.2f} ({r['best_round']}) | "

@@ -211,3 +211,43 @@ def test_summary_from_metrics_of_a_finished_run_is_the_runs_own_summary(tmp_path
     ):
         assert rebuilt[key] == own[key], key  # fmt: skip
     assert rebuilt["stop_requested"] is True
+
+
+def test_a_rows_server_share_is_measured_from_its_run_folder_once_and_then_kept(tmp_path):
+    """FedKTL's goal (the server's step under 10% of a round) is read from the run's records;
+    run folders stay on the machine that ran them, so the share is kept in the row."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce_htfl as htfl
+    from reproduce_fedktl import record_server_shares
+
+    store = htfl.Store(tmp_path / "rows.json", tmp_path / "runs")
+    folder = htfl.run_folder(store, "fedktl", "HtFE-img-cpu-4", [])
+    folder.mkdir(parents=True)
+    # rounds take 10, 20 and 40 s, of which the server's aggregation 1, 1 and 1 s
+    recs = [(0, 0.1, 5.0, 0.0), (1, 0.5, 15.0, 1.0), (2, 0.7, 35.0, 1.0), (3, 0.6, 75.0, 1.0)]
+    (folder / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"round": r, "test_acc": acc, "bytes_up": 0, "bytes_down": 0,
+                        "seconds": t, "train_seconds": 0.0, "aggregate_seconds": agg,
+                        "eval_seconds": 0.0}) + "\n"
+            for r, acc, t, agg in recs
+        )
+    )  # fmt: skip
+    row = {"algorithm": "fedktl", "group": "HtFE-img-cpu-4", "rounds": 3, "rounds_run": 3,
+           "overrides": [], "best_test_acc": 0.7}  # fmt: skip
+    other = {**row, "algorithm": "local", "best_test_acc": 0.9}  # no run folder here
+    store.save([row, other])
+    rows = record_server_shares(store)
+    assert rows[0]["server_share"] == 1 / 20  # median of 1/10, 1/20, 1/40
+    assert "server_share" not in rows[1]
+    metrics = (folder / "metrics.jsonl").read_text()
+    shutil.rmtree(folder)  # the rows travel, the folder does not
+    assert record_server_shares(store)[0]["server_share"] == 1 / 20
+    # a folder holding another run (its best differs from the row's) is not read
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(metrics)
+    store.save([{**row, "best_test_acc": 0.99}])
+    assert "server_share" not in record_server_shares(store)[0]
