@@ -129,18 +129,36 @@ def test_fedtgp_aggregation_trains_the_network_and_broadcasts_its_output():
     labels = torch.tensor([c for _, c in pairs])
     margin = adaptive_margin(protos, labels, CLASSES, tau=100.0)
     initial = {k: v.clone() for k, v in fed.server.tgp.state_dict().items()}
-    fed.server.train_prototypes(1, protos, labels, margin)
+    losses = fed.server.train_prototypes(1, protos, labels, margin)
     with torch.no_grad():
         trained = fed.server.tgp().clone()
     fed.server.tgp.load_state_dict(initial)
-    fed.aggregate(1)
+    reported = fed.aggregate(1)
     assert float(fed.server.margin) == pytest.approx(margin)
+    # what the server reports of its step: the last epoch's mean loss and the margin
+    assert reported == pytest.approx({"server_loss": losses[-1], "server_margin": margin})
+    assert losses[-1] < losses[0]
     message = fed.server.broadcast(2)
     assert torch.allclose(message["proto/global"], trained)
     assert torch.equal(
         message["proto/count"], sum(r.message["proto/local_count"] for r in replies.values())
     )
     fed.close()
+
+
+def test_a_servers_report_is_recorded_beside_the_clients_metrics_of_its_round(tmp_path):
+    """Numbers a server returns from ``aggregate`` reach the round's record and metrics.jsonl as
+    ``server_<name>``; round 0 (no aggregation yet) and servers that report nothing have none."""
+    from fl_core.engine.outputs import read_metrics
+
+    result = run(build_config(config("fedtgp", rounds=2)), out_dir=tmp_path)
+    for rec in [*result.history, *read_metrics(tmp_path / "metrics.jsonl")]:
+        server = {k for k in rec.metrics if k.startswith("server_")}
+        assert server == (set() if rec.round == 0 else {"server_loss", "server_margin"})
+        if rec.round > 0:
+            assert math.isfinite(rec.metrics["server_loss"]) and rec.metrics["server_margin"] > 0
+    local = run(build_config(config("local", rounds=1)))
+    assert not any(k.startswith("server_") for r in local.history for k in r.metrics)
 
 
 def test_fedtgp_client_regulariser_is_the_euclidean_distance_or_fedprotos_mse():

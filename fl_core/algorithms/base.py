@@ -380,6 +380,9 @@ class Server:
     when it builds that client's task, which it does when a worker is free, so a server holding
     per-client models in a spill-to-disk store can load each one on demand instead of holding
     every client's message at once.
+
+    ``aggregate`` may return a few numbers about the server's own step (a loss, a margin); the
+    round loop records them beside the clients' metrics of that round as ``server_<name>``.
     """
 
     def __init__(self, ctx: ServerContext, hparams: HParams) -> None:
@@ -398,7 +401,7 @@ class Server:
     def configure_evaluation(self, round: int, client_ids: list[int]) -> Mapping[int, Message]:
         return self.configure(round, client_ids)
 
-    def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
+    def aggregate(self, round: int, replies: dict[int, Reply]) -> Mapping[str, float] | None:
         return None
 
     def state_dict(self) -> dict[str, Tensor]:

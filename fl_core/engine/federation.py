@@ -157,9 +157,12 @@ class Federation:
         (read-only: what the server will aggregate)."""
         return MappingProxyType(self._pending_replies)
 
-    def aggregate(self, round: int) -> None:
-        self.server.aggregate(round, self._pending_replies)
+    def aggregate(self, round: int) -> dict[str, float]:
+        """The server's aggregation of the last round's replies; what it reports of its own
+        step, as ``server_<name>`` metrics (empty when it reports nothing)."""
+        reported = self.server.aggregate(round, self._pending_replies)
         self._pending_replies = {}
+        return {f"server_{k}": float(v) for k, v in (reported or {}).items()}
 
     def evaluate(
         self, client_ids: list[int], round: int, finetune_epochs: int = 0

@@ -89,9 +89,12 @@ def run(
     try:
         start = time.perf_counter() - elapsed_before
 
-        def do_eval(rnd: int, train_s: float, agg_s: float) -> RoundRecord:
+        def do_eval(
+            rnd: int, train_s: float, agg_s: float, server: dict[str, float] | None = None
+        ) -> RoundRecord:
             t0 = time.perf_counter()
             metrics = federation.evaluate(list(range(federation.num_clients)), rnd)
+            metrics.update(server or {})
             rec = RoundRecord(
                 round=rnd,
                 metrics=metrics,
@@ -121,14 +124,14 @@ def run(
             if fed_cfg.stop_on_divergence:
                 check_divergence(federation.pending_replies, rnd, result.algorithm, fed_cfg.lr)
             t1 = time.perf_counter()
-            federation.aggregate(rnd)
+            server_metrics = federation.aggregate(rnd)
             t2 = time.perf_counter()
             federation.bytes_up += up
             federation.bytes_down += down
             result.train_seconds.append(t1 - t0)
             rec = None
             if rnd % fed_cfg.eval_every == 0 or rnd == fed_cfg.rounds:
-                rec = do_eval(rnd, t1 - t0, t2 - t1)
+                rec = do_eval(rnd, t1 - t0, t2 - t1, server_metrics)
                 result.eval_seconds.append(rec.eval_seconds)
             result.round_seconds.append(time.perf_counter() - t0)
             result.rounds_run = rnd
