@@ -139,7 +139,11 @@ def test_fedgh_server_trains_the_head_with_cross_entropy_on_the_prototypes():
 
 # -- FedGen -----------------------------------------------------------------------------------
 def _trace(result) -> list:
-    return [(h.round, h.metrics) for h in result.history]
+    """The clients' metrics of each round (FedGen's server also reports its generator loss)."""
+    return [
+        (h.round, {k: v for k, v in h.metrics.items() if not k.startswith("server_")})
+        for h in result.history
+    ]
 
 
 def test_fedgen_changes_training_only_through_its_regulariser(model=MIXED):
@@ -211,11 +215,14 @@ def test_fedgen_server_generator_learns_what_the_clients_heads_agree_on(ensemble
     fed.train_round(1)
     replies = fed.pending_replies
     heads = [head_of(r.message) for r in replies.values()]
-    fed.aggregate(1)
+    reported = fed.aggregate(1)
     pooled = fed.server.pooled_label_counts()
     untrained = _teacher_loss(fed.server, heads, before, pooled)
     trained = _teacher_loss(fed.server, heads, fed.server._generator_message(), pooled)
     assert trained < 0.5 * untrained
+    # the reported loss is the last training step's: teacher CE plus the diversity term
+    assert set(reported) == {"server_generator_loss"}
+    assert reported["server_generator_loss"] < untrained
     fed.close()
 
 
@@ -224,7 +231,7 @@ def test_fedgen_without_server_epochs_keeps_the_untrained_generator():
     fed = Federation(build_config(config("fedgen", **{**FAST_GEN, "server_epochs": 0})))
     before = fed.server._generator_message()
     fed.train_round(1)
-    fed.aggregate(1)
+    assert fed.aggregate(1) == {}  # no generator step, nothing to report
     after = fed.server._generator_message()
     assert all(torch.equal(before[k], after[k]) for k in before)
     fed.close()

@@ -265,9 +265,11 @@ class FedGenServer(LGFedAvgServer):
     def evaluation_broadcast(self, round: int) -> Message:
         return self.global_state  # evaluation and fine-tuning use the head alone
 
-    def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
+    def aggregate(self, round: int, replies: dict[int, Reply]) -> dict[str, float] | None:
+        """Trains the generator on the round's heads, then averages the heads; reports the
+        generator's loss at its last step (``server_generator_loss``) when it trained."""
         if not replies:
-            return
+            return None
         heads: dict[int, dict[str, Tensor]] = {}
         counts: dict[int, Tensor] = {}
         for cid, reply in replies.items():
@@ -283,11 +285,12 @@ class FedGenServer(LGFedAvgServer):
             heads[cid] = msg
         for cid, c in counts.items():
             self.label_counts[cid] = c
-        self.train_generator(round, replies, heads, counts)
+        loss = self.train_generator(round, replies, heads, counts)
         self.global_state = {
             **self.global_state,
             **weighted_average([(heads[cid], r.num_samples) for cid, r in replies.items()]),
         }
+        return None if loss is None else {"generator_loss": loss}
 
     def teacher_weights(self, replies: dict[int, Reply], counts: dict[int, Tensor]) -> Tensor:
         """(clients, classes) weights of each client's logits for a sample of each label."""
@@ -309,10 +312,11 @@ class FedGenServer(LGFedAvgServer):
         replies: dict[int, Reply],
         heads: dict[int, dict[str, Tensor]],
         counts: dict[int, Tensor],
-    ) -> None:
+    ) -> float | None:
+        """``server_epochs`` Adam steps; the loss of the last one (None when it did not train)."""
         pooled = self.pooled_label_counts()
         if self.hp.server_epochs == 0 or not bool((pooled > 0).any()):
-            return
+            return None
         device = self.ctx.device
         params = [
             {k.removeprefix(HEAD_PREFIX): v.to(device) for k, v in heads[cid].items()}
@@ -340,6 +344,7 @@ class FedGenServer(LGFedAvgServer):
             loss.backward()
             opt.step()
         gen.eval()
+        return float(loss.detach())
 
     def state_dict(self) -> dict[str, Tensor]:
         return {
