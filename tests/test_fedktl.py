@@ -163,7 +163,9 @@ def test_upload_is_classes_times_k_floats_and_pairs_arrive_in_client_shape():
         assert reply.message["proto/local"].shape == (k, k)
     assert up == len(replies) * k * k * 4  # float32
     assert down == len(replies) * k * k * 4  # round 1: only the ETF
-    fed.aggregate(1)
+    reported = fed.aggregate(1)
+    # the server reports its alignment's loss: the mean of its last epoch
+    assert reported == {"server_align_loss": fed.server.last_losses[-1]}
     message = fed.server.broadcast(2)
     images, latents = message["pairs/images"], message["pairs/latents"]
     assert images.shape[1:] == tuple(fed.dataset.input_shape)

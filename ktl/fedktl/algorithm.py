@@ -321,7 +321,9 @@ class FedKTLServer(Server):
     def evaluation_broadcast(self, round: int) -> Message:
         return {"etf/matrix": self.etf}
 
-    def aggregate(self, round: int, replies: dict[int, Reply]) -> None:
+    def aggregate(self, round: int, replies: dict[int, Reply]) -> dict[str, float] | None:
+        """Aligns the prototypes with the generator's prior and generates the round's pairs;
+        reports the alignment's mean loss in its last epoch (``server_align_loss``)."""
         protos, labels = [], []
         k = self.ctx.num_classes
         for cid, reply in replies.items():
@@ -335,15 +337,15 @@ class FedKTLServer(Server):
             protos.append(local[present].float().cpu())
             labels.append(torch.nonzero(present).flatten().cpu())
         if not protos:
-            return
+            return None
         p = torch.cat(protos).to(self.gen_device)
         y = torch.cat(labels).to(self.gen_device)
         if p.shape[0] == 0:
-            return
+            return None
         self.seen[y.cpu()] = True
         hp: FedKTLHParams = self.hp
         if hp.mu == 0:  # the transfer task is off: clients would ignore the pairs
-            return
+            return None
         prior_rng = self.ctx.rng(round, "fedktl-prior")
         self.last_losses = align(
             self.transformer,
@@ -361,6 +363,7 @@ class FedKTLServer(Server):
             prior_norm=hp.prior_norm,
         )
         self.generate_pairs(round)
+        return {"align_loss": self.last_losses[-1]} if self.last_losses else None
 
     # -- generation -------------------------------------------------------------------------
     @torch.no_grad()
