@@ -162,6 +162,21 @@ NOTES = [
     "alone: the same metrics bit for bit, round 1's evaluation 5x and round 2's training about 3x "
     "faster on the CPU (`benchmarks/results/fedala_first_aggregation.md`); not yet run on the "
     "GPU.",
+    "- CPU rows of 2026-11-27 (sixth session; two runs at a time, 38-58 s a round for the "
+    "FedAvg-like ones). PFLlib's tables give no FMNIST figure for FedLC, FedNTD, FedDyn or "
+    "FedCAC; FedAvg here reaches 68.0 pat / 67.9 dir in 20 rounds. FedLC dir 69.06, FedNTD "
+    "64.16 pat / 70.77 dir, FedDyn 79.85 dir (still rising) and 70.71 pat (between 44.6 and "
+    "70.7 from round to round after round 10): all still climbing at round 20, as FedAvg is. "
+    "FedCAC pat reached 98.86 at round 5 and then fell to 90-92 from round 10 on (final "
+    "90.89); its overlap threshold has risen only 0.1 of the way at round 10 (beta = 100), so "
+    "the fall is not the narrowing collaboration the paper describes; not traced yet. "
+    "pFedMe's dir gap (95.40 against 97.25): PFLlib's defaults (`algorithm.beta=0 "
+    "algorithm.lam=1 algorithm.weight_decay=0.001 algorithm.aggregate_by=samples`: the global "
+    "model never moves, so every round restarts each personal model from the initial one) give "
+    "92.79, flat between 90.4 and 92.8 from round 1 to 20, below the paper's defaults. The "
+    "pFedMe run commands published with PFLlib-based code that we found pass `-bt 1 -lam 15`, "
+    "our defaults, so the gap left is most likely rounds (a best over up to 2,000 rounds "
+    "against 20); not verified.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
