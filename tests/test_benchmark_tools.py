@@ -168,7 +168,7 @@ def test_summary_from_metrics_skips_a_line_cut_off_mid_write(tmp_path):
             "eval_seconds": 1.0 + r,
         }
         for r, acc in [(0, None), (1, 0.5), (2, 0.7), (3, 0.6)]
-    ]  # fmt: skip  (round 0's accuracy written as null, as NaN is)
+    ]  # round 0's accuracy is written as null, as NaN is
     text = "\n".join(json.dumps(x) for x in lines) + '\n{"round": 4, "test_a'
     (tmp_path / "metrics.jsonl").write_text(text)
     s = summary_from_metrics(tmp_path)
@@ -209,7 +209,7 @@ def test_summary_from_metrics_of_a_finished_run_is_the_runs_own_summary(tmp_path
         "median_train_seconds",
         "median_eval_seconds",
     ):
-        assert rebuilt[key] == own[key], key  # fmt: skip
+        assert rebuilt[key] == own[key], key
     assert rebuilt["stop_requested"] is True
 
 

@@ -382,7 +382,8 @@ class Server:
     every client's message at once.
 
     ``aggregate`` may return a few numbers about the server's own step (a loss, a margin); the
-    round loop records them beside the clients' metrics of that round as ``server_<name>``.
+    round loop records them beside the clients' metrics of that round as ``server_<name>``
+    (in evaluated rounds: a round that is not evaluated has no record).
     """
 
     def __init__(self, ctx: ServerContext, hparams: HParams) -> None:
