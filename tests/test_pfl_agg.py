@@ -404,6 +404,45 @@ def test_fedpcl_predicts_the_nearest_local_prototype():
     fed.close()
 
 
+def test_fedpcl_loss_is_the_papers_global_plus_mean_client_contrastive_terms():
+    from fl_core.algorithms.fedpcl import normalized_features
+
+    fed = federation("fedpcl")
+    train_rounds(fed, 2)
+    cid = 0
+    client = fed.runtime.client(cid, 3, "fit", fed.store.get(cid))
+    client.receive(fed.server.configure(3, [cid]).get(cid, {}) | fed.server.broadcast(3))
+    # one class nobody holds: masked out of every softmax, its samples add nothing
+    gone = 1
+    client.proto["known"][gone] = 0
+    x, y = fed.dataset.clients[cid].train_x[:24], fed.dataset.clients[cid].train_y[:24].clone()
+    y[:3] = gone
+    known = client.proto["known"] > 0
+    tau = client.hp.tau
+    with torch.no_grad():
+        z = normalized_features(client.model, x)
+        keep = known[y]
+        zk, yk = z[keep], y[keep]
+
+        def ce(protos):
+            logits = (zk @ protos.T / tau).masked_fill(~known, float("-inf"))
+            return nn.functional.cross_entropy(logits, yk)
+
+        expected = ce(client.proto["global"]) + sum(ce(p) for p in client.client_protos) / len(
+            client.client_protos
+        )
+        got = client.loss(client.model, x, y)
+    assert len(client.client_protos) == 4
+    assert torch.isclose(got, expected, rtol=1e-5), (float(got), float(expected))
+    # a batch with no sample of a known class gives a zero loss and zero (finite) gradients
+    client.model.zero_grad()
+    zero = client.loss(client.model, x[:3], y[:3])
+    zero.backward()
+    assert float(zero.detach()) == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in client.model.body.parameters())
+    fed.close()
+
+
 # -- learning -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "algorithm, overrides",

@@ -176,6 +176,23 @@ def test_fedas_fisher_trace_is_the_summed_squared_batch_gradient():
     fed.close()
 
 
+def test_fedas_alignment_loss_sums_each_batch_classs_mse_to_its_prototype():
+    from fl_core.algorithms.fedas import alignment_loss
+
+    g = torch.Generator().manual_seed(0)
+    features, prototypes = torch.randn(30, 8, generator=g), torch.randn(5, 8, generator=g)
+    labels = torch.tensor([0] * 11 + [3] * 2 + [4] * 17)  # classes 1 and 2 absent
+    expected = sum(
+        nn.functional.mse_loss(
+            features[labels == c], prototypes[c].expand(int((labels == c).sum()), 8)
+        )
+        for c in (0, 3, 4)
+    )
+    assert float(alignment_loss(features, labels, prototypes)) == pytest.approx(
+        float(expected), rel=1e-6
+    )
+
+
 def test_fedas_aligns_the_received_body_to_local_prototypes_before_training():
     from fl_core.algorithms.common import class_means
     from fl_core.algorithms.fedas import alignment_loss

@@ -98,21 +98,23 @@ class FedPCLClient(Client):
         return bool((self.proto["known"] > 0).any())
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The mean over samples of a known class of CE against the global prototypes plus the
+        mean CE against each client's. All prototype sets go through one batched softmax, and
+        nothing waits for the device (no per-batch host sync, a handful of kernels), which is
+        what keeps a GPU shared by several runs busy."""
         z = normalized_features(model, x)
         known = self.proto["known"] > 0
-        keep = known[y]  # a sample of a class nobody holds has no target to contrast
-        if not bool(keep.any()):
-            return z.sum() * 0.0
-        z, y = z[keep], y[keep]
-
-        def contrastive(protos: Tensor) -> Tensor:
-            logits = (z @ protos.T / self.hp.tau).masked_fill(~known, float("-inf"))
-            return nn.functional.cross_entropy(logits, y)
-
-        loss = contrastive(self.proto["global"])
-        if len(self.client_protos):
-            loss = loss + sum(contrastive(p) for p in self.client_protos) / len(self.client_protos)
-        return loss
+        protos = torch.cat([self.proto["global"].unsqueeze(0), self.client_protos])  # (1+N, C, d)
+        logits = torch.einsum("bd,ncd->bcn", z, protos.to(z.dtype)) / self.hp.tau
+        # a class nobody holds takes no part in any softmax (the most negative finite value,
+        # so that a row with no known class stays finite; its weight below is zero)
+        logits = logits.masked_fill(~known.view(1, -1, 1), torch.finfo(logits.dtype).min)
+        target = y.unsqueeze(1).expand(-1, logits.shape[2])
+        ce = nn.functional.cross_entropy(logits, target, reduction="none")  # (batch, 1+N)
+        per_sample = ce[:, 0] + (ce[:, 1:].mean(1) if ce.shape[1] > 1 else 0.0)
+        keep = known[y]  # a sample of a class nobody holds has no target: no loss, no gradient
+        per_sample = torch.where(keep, per_sample, torch.zeros_like(per_sample))
+        return per_sample.sum() / keep.sum().clamp(min=1)
 
     def before_step(self, model: nn.Module) -> None:
         if self.hp.max_grad_norm is not None:
