@@ -196,9 +196,8 @@ NOTES = [
     "clients of other classes, each round. Not a bug of ours; PFLlib reports no FMNIST "
     "figure for FedCAC.",
     "- Seventh session, first H200 call (8 at a time, 525 s): MOON 65.62 pat / 63.43 dir at "
-    "round 20, 2.4 and 4.5 below FedAvg's 20-round rows (its contrastive term, mu = 1, tau = "
-    "0.5, holds the features near the previous global model's in the first rounds; PFLlib "
-    "reports no FMNIST figure). FedPAC 99.14 pat / 95.89 dir after 14 rounds, still rising; "
+    "round 20, 2.4 and 4.5 below FedAvg's 20-round rows (mu = 1, tau = 0.5; not investigated "
+    "further; PFLlib reports no FMNIST figure). FedPAC 99.14 pat / 95.89 dir after 14 rounds, still rising; "
     "FedAS 98.85 pat / 95.49 dir after 5-6 rounds; FedPCL 99.31 / 85.89 after 7 (its first "
     "round trains nothing: no global prototype exists yet). FedAS (113-123 s of training a "
     "round) and FedPCL (96 s) were far slower there than MOON (18 s) or FedPAC (35 s), "
