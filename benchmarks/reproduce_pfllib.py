@@ -206,7 +206,11 @@ NOTES = [
     "slowdown at 8 processes is not traced. A second call ran FedPCL again (beside that "
     "timing run): 99.37 pat / 88.89 dir after 9 rounds at 16-18 s of training a round, its "
     "curves within 0.003 of the first call's round by round. CPU rows (two or more runs at a "
-    "time): FedMTL 99.20 pat / 97.47 dir and PFL-DA 99.21 pat at round 20.",
+    "time), all 20 rounds and none with a PFLlib FMNIST figure: FedMTL 99.20 pat / 97.47 dir; "
+    "PFL-DA 99.21 pat / 97.37 dir; FedPHP 99.06 pat / 96.64 dir; FedGC dir 96.53; FedCross "
+    "dir 65.14 (FedAvg 67.90). FedCP dir, 20 rounds on the CPU: 94.51, rising every round "
+    "(78.8 after round 1, 91.3 at 9, +0.14 from 19 to 20), 3.4 below PFLlib's 97.89, a best "
+    "over 2,000 rounds: the gap is one of rounds as far as 20 show.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
