@@ -213,7 +213,8 @@ NOTES = [
     "over 2,000 rounds: the gap is one of rounds as far as 20 show. Per-FedAvg pat with the "
     "paper's settings finished its 20 rounds: 89.66 at round 11, 89.02 at 20 (the plateau its "
     "note above explains). FedAS dir finished its 20 rounds on the CPU: 97.06 at round 20 (no "
-    "PFLlib figure; its first rounds equal the H200 row's, 90.92 after round 1 on both).",
+    "PFLlib figure; its first rounds equal the H200 row's, 90.92 after round 1 on both). FedBN pat 68.01 and FedProx pat 67.99 at round 19 of "
+    "20 (CPU), level with FedAvg's 68.00: cnn4 has no BatchNorm layer, so FedBN is FedAvg on it.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
