@@ -214,7 +214,8 @@ NOTES = [
     "paper's settings finished its 20 rounds: 89.66 at round 11, 89.02 at 20 (the plateau its "
     "note above explains). FedAS dir finished its 20 rounds on the CPU: 97.06 at round 20 (no "
     "PFLlib figure; its first rounds equal the H200 row's, 90.92 after round 1 on both). FedBN pat 68.01 and FedProx pat 67.99 at round 19 of "
-    "20 (CPU), level with FedAvg's 68.00: cnn4 has no BatchNorm layer, so FedBN is FedAvg on it.",
+    "20 (CPU), level with FedAvg's 68.00: cnn4 has no BatchNorm layer, so FedBN is FedAvg on it. SCAFFOLD pat 71.29 at round 16 of 20 "
+    "(CPU, alone).",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
