@@ -4,9 +4,10 @@ A GPU benchmark table (``benchmarks/device_*.sh``) runs one process per row on o
 MPS, a GPU time-slices between processes, so anything that makes a training step wait for the
 device (reading a loss, copying a batch from pageable host memory) costs up to a time slice per
 step. This script measures that: for each checkout (``--roots``; this one by default) it runs
-the given algorithms at once, ``--copies`` processes each, ``--rounds`` rounds (1 by default) of
-PFLlib's protocol on a subset of Fashion-MNIST, then the same algorithms one process at a time, and prints the median
-training seconds of the last round (table also written to ``--out``).
+the given algorithms at once, ``--copies`` processes each, ``--rounds`` rounds (1 by default)
+of PFLlib's protocol on a subset of Fashion-MNIST, then the same algorithms one process at a
+time, and prints the median training seconds of the last round (table also written to
+``--out``).
 
     python benchmarks/shared_gpu.py --roots /path/to/old . --algorithms fedavg fedrep --copies 4
 """
@@ -108,8 +109,8 @@ def main() -> None:
     lines = [
         f"# Training seconds per round: {n} runs sharing one device vs one run alone",
         "",
-        f"Device {args.device}; round {args.rounds} of PFLlib's protocol (Dir(0.1), 20 clients, batch 10, "
-        f"cnn4) on {args.samples} Fashion-MNIST samples; {args.copies} processes per algorithm "
+        f"Device {args.device}; round {args.rounds} of PFLlib's protocol (Dir(0.1), 20 clients, "
+        f"batch 10, cnn4) on {args.samples} Fashion-MNIST samples; {args.copies} processes per algorithm "
         "at once. Written by `benchmarks/shared_gpu.py`.",
         "",
         "| checkout | algorithm | shared (median s) | alone (s) |",

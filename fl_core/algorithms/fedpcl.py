@@ -76,6 +76,7 @@ class FedPCLClient(Client):
             "count": torch.zeros(c, dtype=torch.int64, device=ctx.device),
         }
         self.client_protos = torch.zeros(0, c, d, device=ctx.device)
+        self.contrast_protos = self.proto["global"].unsqueeze(0)  # global set, then clients'
 
     def parts(self) -> dict[str, Part]:
         return {**super().parts(), "proto": self.proto, "local": self.local}
@@ -92,6 +93,8 @@ class FedPCLClient(Client):
                 )
             self.client_protos = clients.to(self.ctx.device)
         super().receive(rest)
+        # every loss of this round contrasts with the same sets: stacked once, not per batch
+        self.contrast_protos = torch.cat([self.proto["global"].unsqueeze(0), self.client_protos])
 
     @property
     def has_global(self) -> bool:
@@ -103,8 +106,8 @@ class FedPCLClient(Client):
         back to the host (on an H200 no faster than one softmax per set: shared_gpu.md)."""
         z = normalized_features(model, x)
         known = self.proto["known"] > 0
-        protos = torch.cat([self.proto["global"].unsqueeze(0), self.client_protos])  # (1+N, C, d)
-        logits = torch.einsum("bd,ncd->bcn", z, protos.to(z.dtype)) / self.hp.tau
+        protos = self.contrast_protos.to(z.dtype)  # (1+N, C, d)
+        logits = torch.einsum("bd,ncd->bcn", z, protos) / self.hp.tau
         # a class nobody holds takes no part in any softmax (the most negative finite value,
         # so that a row with no known class stays finite; its weight below is zero)
         logits = logits.masked_fill(~known.view(1, -1, 1), torch.finfo(logits.dtype).min)
