@@ -5,12 +5,16 @@
 # after the first round that ends past the budget (its row then says how many rounds it ran).
 # Rows land in $OUT/rows.json; merge them here with
 #     python benchmarks/reproduce_pfllib.py --merge <dir>/rows.json
-# Variables: OUT (results folder), JOBS ("algorithm/scenario" items, in the order to run),
+# Variables: OUT (results folder), JOBS ("algorithm/scenario" items, in the order to run; an item
+# "algorithm/scenario:key=value,key=value" adds overrides of its own, part of its row's key),
 # BUDGET (seconds from the start, default 540), PARALLEL (default 8: more only slow each run, benchmarks/results/shared_gpu.md), MIN_START (default 150),
 # ROUNDS (default 20), DEVICE (default cuda), EXTRA (more "key=value" overrides), GRACE (default
 # 30: a job still running GRACE seconds past the budget gets SIGTERM and writes the row of the
 # rounds it finished, so that every row is collected in time). Keep BUDGET + GRACE about 30 s
 # under the device call's limit: a call cut off before the collection returns no rows.
+# CHECKPOINT_EVERY (default null: none) with WORK set to an ignored folder of the checkout (kept
+# on the machine between calls while it stays warm) lets a second call continue the rows of the
+# first from their last checkpoint: the same JOBS again, and rows that finished are kept.
 # Data: Fashion-MNIST's four IDX files in $KTL_DATA_ROOT (default ./.data/fashion_mnist).
 set -u
 OUT=${OUT:-/tmp/pfllib_device}
@@ -20,19 +24,23 @@ PARALLEL=${PARALLEL:-8}
 MIN_START=${MIN_START:-150}
 DEVICE=${DEVICE:-cuda}
 export END=$(($(date +%s) + BUDGET)) ROUNDS DEVICE MIN_START EXTRA=${EXTRA:-} GRACE=${GRACE:-30}
+export CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-null}
 source "$(dirname "$0")/device_common.sh"
 device_prelude
 
-job() {  # algorithm/scenario
-  local a=${1%/*} s=${1#*/} left=$((END - $(date +%s))) sets=()
+job() {  # algorithm/scenario[:key=value,...]
+  local item=${1%%:*} own= left=$((END - $(date +%s))) sets=()
+  [ "$item" != "$1" ] && own=${1#*:}
+  local a=${item%/*} s=${item#*/} name
+  name=$(printf '%s' "$1" | tr -c 'A-Za-z0-9._=-' '_')
   if [ "$left" -lt "$MIN_START" ]; then echo "$1 not started ($left s left)"; return; fi
-  for o in $EXTRA; do sets+=(--set "$o"); done
+  for o in $EXTRA ${own//,/ }; do sets+=(--set "$o"); done
   timeout $((left + GRACE)) python3 benchmarks/reproduce_pfllib.py --algorithms "$a" --scenarios "$s" \
-    --rounds "$ROUNDS" --deadline "$((left - 30))" --results "$WORK/rows/$a-$s.json" \
+    --rounds "$ROUNDS" --deadline "$((left - 30))" --results "$WORK/rows/$name.json" \
     --runs "$WORK/runs" "${sets[@]}" --set device="$DEVICE" --set threads=1 \
-    --set federation.executor=sequential --set federation.checkpoint_every=null \
-    >"$WORK/logs/$a-$s.log" 2>&1
-  echo "$1 exit $? $(grep -c " round [0-9]*/" "$WORK/logs/$a-$s.log") rounds logged"
+    --set federation.executor=sequential --set federation.checkpoint_every="$CHECKPOINT_EVERY" \
+    >>"$WORK/logs/$name.log" 2>&1
+  echo "$1 exit $? $(grep -c " round [0-9]*/" "$WORK/logs/$name.log") rounds logged"
 }
 export -f job
 printf '%s\n' ${JOBS:?name the runs: JOBS="fedavg/pat fedavg/dir ..."} | xargs -P "$PARALLEL" -I{} bash -c 'job {}'
