@@ -12,9 +12,12 @@
 # 30: a job still running GRACE seconds past the budget gets SIGTERM and writes the row of the
 # rounds it finished, so that every row is collected in time). Keep BUDGET + GRACE about 30 s
 # under the device call's limit: a call cut off before the collection returns no rows.
-# CHECKPOINT_EVERY (default null: none) with WORK set to an ignored folder of the checkout (kept
-# on the machine between calls while it stays warm) lets a second call continue the rows of the
-# first from their last checkpoint: the same JOBS again, and rows that finished are kept.
+# CHECKPOINT_EVERY (default null: none) checkpoints each run in $WORK/runs, and a run whose folder
+# is there continues from its checkpoint (rows that finished are kept). Only useful where WORK
+# outlives the call: on the H200 of 2026-11-27 an ignored folder of the checkout did not survive
+# into the next call of the same warm machine, and the second call's rows restarted from round 0.
+# MARGIN (default 30): a run stops after the first round that ends later than MARGIN seconds
+# before the budget's end.
 # Data: Fashion-MNIST's four IDX files in $KTL_DATA_ROOT (default ./.data/fashion_mnist).
 set -u
 OUT=${OUT:-/tmp/pfllib_device}
@@ -36,7 +39,7 @@ job() {  # algorithm/scenario[:key=value,...]
   if [ "$left" -lt "$MIN_START" ]; then echo "$1 not started ($left s left)"; return; fi
   for o in $EXTRA ${own//,/ }; do sets+=(--set "$o"); done
   timeout $((left + GRACE)) python3 benchmarks/reproduce_pfllib.py --algorithms "$a" --scenarios "$s" \
-    --rounds "$ROUNDS" --deadline "$((left - 30))" --results "$WORK/rows/$name.json" \
+    --rounds "$ROUNDS" --deadline "$((left - ${MARGIN:-30}))" --results "$WORK/rows/$name.json" \
     --runs "$WORK/runs" "${sets[@]}" --set device="$DEVICE" --set threads=1 \
     --set federation.executor=sequential --set federation.checkpoint_every="$CHECKPOINT_EVERY" \
     >>"$WORK/logs/$name.log" 2>&1
