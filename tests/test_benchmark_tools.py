@@ -251,3 +251,56 @@ def test_a_rows_server_share_is_measured_from_its_run_folder_once_and_then_kept(
     (folder / "metrics.jsonl").write_text(metrics)
     store.save([{**row, "best_test_acc": 0.99}])
     assert "server_share" not in record_server_shares(store)[0]
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_device_script_gives_each_job_its_overrides_and_continues_checkpointed_rows(tmp_path):
+    """``device_pfllib.sh``: an item ``algorithm/scenario:key=value`` runs with its own override
+    (part of its row), and with CHECKPOINT_EVERY a second call on the same WORK continues each
+    row from its checkpoint instead of starting it again."""
+    import os
+    import subprocess
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {
+        **os.environ,
+        "KTL_DATA_ROOT": str(FMNIST.parent),
+        "OUT": str(out),
+        "WORK": str(work),
+        "DEVICE": "cpu",
+        "PARALLEL": "2",
+        "BUDGET": "600",
+        "MIN_START": "10",
+        "CHECKPOINT_EVERY": "1",
+        "EXTRA": "data.max_samples=600",
+        "JOBS": "fedavg/pat fedavg/pat:algorithm.name=fedprox,algorithm.mu=0.01",
+    }
+
+    def call(rounds: int) -> list[dict]:
+        done = subprocess.run(
+            ["bash", "benchmarks/device_pfllib.sh"],
+            cwd=ROOT,
+            env={**env, "ROUNDS": str(rounds)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads((out / "rows.json").read_text())
+
+    first = call(1)
+    assert sorted(tuple(r["overrides"]) for r in first) == [
+        ("data.max_samples=600",),
+        ("data.max_samples=600", "algorithm.name=fedprox", "algorithm.mu=0.01"),
+    ]
+    rows = {tuple(r["overrides"]): r for r in call(2) if r["rounds"] == 2}
+    assert len(rows) == 2 and all(r["resumed"] for r in rows.values())
+    # the override reached the run it belongs to, and only that one
+    import yaml
+
+    configs = {
+        d.name: yaml.safe_load((d / "config.yaml").read_text())["algorithm"]
+        for d in (work / "runs").iterdir()
+    }
+    assert sorted(c["name"] for c in configs.values()) == ["fedavg", "fedprox"]
+    assert [c["mu"] for c in configs.values() if c["name"] == "fedprox"] == [0.01]
