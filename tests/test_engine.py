@@ -132,6 +132,20 @@ def test_a_stop_request_ends_the_run_and_resuming_continues_it(tmp_path):
     assert [h.metrics for h in resumed.history] == [h.metrics for h in full.history]
 
 
+def test_a_run_stopped_on_a_round_it_did_not_evaluate_counts_the_bytes_of_every_round():
+    """With ``eval_every`` > 1 the last record can be older than the last round: a run stopped
+    after round 5 (evaluated at 3) has sent five rounds' bytes, which its summary says."""
+    over = {"federation.rounds": 6, "federation.eval_every": 3, "federation.executor": "sequential"}
+    cfg = build_config(synthetic_config(**over))
+    cut = run(cfg, on_round=lambda rnd, rec: rnd == 5)
+    assert cut.rounds_run == 5 and [h.round for h in cut.history] == [0, 3]
+    per_round = cut.history[-1].bytes_up // 3  # FedAvg: the same model to every client
+    assert per_round > 0
+    summary = cut.summary()
+    assert summary["rounds"] == 5 and summary["bytes_up"] == 5 * per_round
+    assert summary["bytes_down"] == 5 * (cut.history[-1].bytes_down // 3)
+
+
 def test_a_diverged_run_stops_with_an_error_naming_round_and_clients(tmp_path):
     """A NaN training loss ends the run with `TrainingDiverged` (rounds before it are written);
     ``stop_on_divergence: false`` runs on to the last round at chance."""

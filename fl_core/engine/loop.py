@@ -128,6 +128,7 @@ def run(
             t2 = time.perf_counter()
             federation.bytes_up += up
             federation.bytes_down += down
+            result.bytes_up, result.bytes_down = federation.bytes_up, federation.bytes_down
             result.train_seconds.append(t1 - t0)
             rec = None
             if rnd % fed_cfg.eval_every == 0 or rnd == fed_cfg.rounds:

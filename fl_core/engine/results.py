@@ -61,6 +61,10 @@ class RunResult:
     new_client_metrics: dict[str, float] | None = None
     stopped_early: bool = False  # by early_stop_patience
     stop_requested: bool = False  # by the caller's on_round
+    # bytes sent after ``rounds_run`` rounds; None: those of the last evaluated round (a run
+    # stopped on a round it did not evaluate has sent more than its last record says)
+    bytes_up: int | None = None
+    bytes_down: int | None = None
 
     @property
     def best_test_acc(self) -> float:
@@ -92,8 +96,8 @@ class RunResult:
             "median_seconds_per_round": med(self.round_seconds) if self.round_seconds else 0.0,
             "median_train_seconds": med(self.train_seconds) if self.train_seconds else 0.0,
             "median_eval_seconds": med(self.eval_seconds) if self.eval_seconds else 0.0,
-            "bytes_up": self.history[-1].bytes_up if self.history else 0,
-            "bytes_down": self.history[-1].bytes_down if self.history else 0,
+            "bytes_up": self._bytes("up"),
+            "bytes_down": self._bytes("down"),
             "stopped_early": self.stopped_early,
             "stop_requested": self.stop_requested,
         }
@@ -102,6 +106,12 @@ class RunResult:
         if self.new_client_metrics is not None:
             out["new_clients"] = self.new_client_metrics
         return out
+
+    def _bytes(self, way: str) -> int:
+        total = getattr(self, f"bytes_{way}")
+        if total is not None:
+            return total
+        return getattr(self.history[-1], f"bytes_{way}") if self.history else 0
 
     @classmethod
     def from_history(cls, algorithm: str, history: list[RoundRecord]) -> RunResult:
