@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 import time
@@ -20,14 +19,6 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
-
-# torch's CPU threads are an OpenMP team whose members spin-wait after each parallel region. With
-# other jobs on the cores, every region then waits for a member the scheduler put aside while the
-# spinners hold the cores it needs: FedKTL's server step (many small regions) ran 16x slower
-# beside two other runs on two cores. Sleeping at once costs nothing measurable when the machine
-# is idle (benchmarks/results/omp_wait_policy.md). It must be set before torch loads OpenMP, so
-# here, before any import of torch; a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     from fl_core.algorithms import Algorithm

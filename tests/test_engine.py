@@ -286,26 +286,6 @@ def test_cli_lists_algorithms():
     assert get_algorithm("FedAvg").name == "fedavg"
 
 
-@pytest.mark.parametrize("preset", [None, "ACTIVE"])
-def test_the_cli_makes_torchs_openmp_threads_wait_passively_unless_told(preset):
-    # OMP_DISPLAY_ENV makes GNU OpenMP print the policy it read when torch loaded it: this fails
-    # if anything imported by ktl.cli loads torch before the policy is set
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["OMP_DISPLAY_ENV"] = "TRUE"
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
-    code = "import ktl.cli, torch; torch.ones(1)"
-    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert err.returncode == 0, err.stderr
-    if "OMP_WAIT_POLICY" not in err.stderr:
-        pytest.skip("torch does not use GNU OpenMP here")
-    assert f"OMP_WAIT_POLICY = '{preset or 'PASSIVE'}'" in err.stderr
-
-
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fedavg_on_fashion_mnist_beats_chance(tmp_path):
     from ktl.cli import app
