@@ -216,6 +216,22 @@ NOTES = [
     "PFLlib figure; its first rounds equal the H200 row's, 90.92 after round 1 on both). FedBN pat 68.01 and FedProx pat 67.99 at round 19 of "
     "20 (CPU), level with FedAvg's 68.00: cnn4 has no BatchNorm layer, so FedBN is FedAvg on it. SCAFFOLD pat 71.29 at round 16 of 20 "
     "(CPU, alone).",
+    "- Eighth session (2026-11-27, late). H200 call (8 at a time, 525 s): FedALA ran 7 rounds, "
+    "98.83 pat (PFLlib 99.57) and 94.99 dir (97.66), both rising; round 1 took 72 s (61 of them "
+    "in the evaluation that learns the weights to convergence), later rounds 39 s of training "
+    "and 27 s of evaluation, which repeats the next round's weight learning (see the FedALA "
+    "module). APPLE repeated its earlier rows to round 14 to the digit (99.32 / 97.59). CPU "
+    "rows, two at a time: FedAS pat 99.13 (20); FedPCL 99.45 pat (14) / 95.44 dir (20, "
+    "rising); FedPAC 99.19 pat (17) / 96.23 dir (20, rising); FedBN dir 67.89 (20; FedAvg "
+    "67.90); APFL pat with the paper's alpha 88.87 at round 20, still climbing; GPFL dir 92.86 "
+    "at round 19, rising about half a point a round (64.7 after round 1, 85.0 at 10), 4.95 "
+    "below PFLlib's 97.81. FedBABU with `federation.eval_every=4` (its evaluation fine-tunes "
+    "every client for 5 epochs, 5x a round's training, so every fourth round is evaluated): "
+    "98.98 pat (PFLlib 99.41) and 96.88 dir (97.46) within 20 rounds. FedPer dir (96.36, 1.08 "
+    "below PFLlib's 97.44): PFLlib's own FedPer code on exactly these clients "
+    "(`pfllib_crosscheck.md`) reaches 96.82 at round 20, still rising, itself 0.62 below its "
+    "published figure; the other 0.46 between the two implementations within 20 rounds is "
+    "not traced.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
