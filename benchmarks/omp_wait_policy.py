@@ -9,8 +9,8 @@ feature transformer on a few hundred points) slow down by an order of magnitude.
 fast on an idle one, so ``ktl`` leaves the choice to the user (README).
 
 For each condition (``idle``; ``crowded``: as many busy-looping processes as there are cores run
-beside) and each setting (``spin``: OpenMP's default wait; ``passive``; ``1 thread``: one torch
-thread, default wait) this runs ``configs/fedktl_fmnist.yaml`` for one round on a subset of the
+beside) and each setting (``spin``: OpenMP's default wait; ``spin 10k``: GNU OpenMP's spin cut
+to 10,000 iterations; ``passive``; ``1 thread``: one torch thread, default wait) this runs ``configs/fedktl_fmnist.yaml`` for one round on a subset of the
 data in a fresh process, in the main process (sequential executor, so the server's threads are
 the run's only torch threads), and prints the round's seconds (table also written to ``--out``).
 The wait policy changes no number (the script checks that settings of one thread count agree on
