@@ -233,7 +233,7 @@ NOTES = [
     "published figure; the other 0.46 between the two implementations within 20 rounds is "
     "not traced. Per-FedAvg dir with PFLlib's settings (`algorithm.alpha=0.005 "
     "algorithm.passes=2`, CPU): 93.65 at round 14 of 20 (PFLlib 95.10), against 80.01 with "
-    "the paper's: the settings explain most of that gap, as on pat. FedProx dir 67.89 at round "
+    "the paper's: the settings explain most of that gap, as on pat. FedProx dir 67.83 at round "
     "20 (CPU), level with FedAvg's 67.90.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
