@@ -339,6 +339,11 @@ def device_label(r: dict) -> str:
     return f"CPU ({parts[1]})" if len(parts) > 1 else "CPU"
 
 
+def protocol_training(row: dict) -> bool:
+    """Whether a row trained the protocol's models: no override, or only a sparser evaluation."""
+    return all(o.startswith("federation.eval_every=") for o in row["overrides"])
+
+
 def write_table(rows: list[dict]) -> None:
     lines = [
         "# PFLlib protocol on Fashion-MNIST: our best accuracy beside PFLlib's published figure",
@@ -366,12 +371,16 @@ def write_table(rows: list[dict]) -> None:
     done = {
         (r["algorithm"], r["scenario"])
         for r in shown
-        if r["rounds"] >= 20 and not r["overrides"] and r["algorithm"] in PUBLISHED
+        if r["rounds"] >= 20 and protocol_training(r) and r["algorithm"] in PUBLISHED
     }
     lines[-2:-2] = [
         f"Complete (20 rounds, protocol settings): {len(done)} of {2 * len(PUBLISHED)} "
-        "(algorithm, scenario) pairs with a PFLlib figure. Where one setting ran several times "
-        "the row of the most rounds is shown (all rows stay in the JSON).",
+        "(algorithm, scenario) pairs with a PFLlib figure. A row that only evaluates less "
+        "often (`federation.eval_every`) counts: evaluation keeps no state and has its own "
+        "random streams, so it trains exactly the protocol's models (tested in "
+        "`tests/test_engine.py`), and its best is a lower bound of the best over every round. "
+        "Where one setting ran several times the row of the most rounds is shown (all rows "
+        "stay in the JSON).",
         "",
     ]
     for r in shown:

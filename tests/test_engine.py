@@ -445,3 +445,21 @@ def test_a_client_task_runs_on_a_runtime_built_without_any_server():
     assert set(result.message) == {f"model/{k}" for k in runtime.new_model("mlp").state_dict()}
     again = runtime.run_task(Task("fit", 2, 1, {}, "", {}))
     assert all(torch.equal(result.message[k], again.message[k]) for k in result.message)
+
+
+@pytest.mark.parametrize("algorithm", ["fedbabu", "fedala", "perfedavg"])
+def test_evaluating_less_often_does_not_change_training(algorithm):
+    """Evaluation keeps no state and draws from its own random streams, so the rounds a run
+    evaluates are the same whether it evaluates every round or every other one (these
+    algorithms compute at evaluation: FedBABU fine-tunes, FedALA mixes, Per-FedAvg adapts).
+    A benchmark row with ``federation.eval_every`` > 1 thus reports a lower bound of the best
+    over every round."""
+    over = {"federation.local_epochs": 1, "federation.executor": "sequential"}
+    every = run(build_config(synthetic_config(**over, **{"algorithm.name": algorithm})))
+    sparse_over = {**over, "algorithm.name": algorithm, "federation.eval_every": 2}
+    sparse = run(build_config(synthetic_config(**sparse_over)))
+    assert [h.round for h in sparse.history] == [0, 2, 4]
+    by_round = {h.round: h.metrics for h in every.history}
+    for h in sparse.history:
+        assert h.metrics["test_acc"] == by_round[h.round]["test_acc"]
+        assert h.metrics == by_round[h.round]
