@@ -140,13 +140,17 @@ def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
         ]  # fmt: skip
         accs: list[float] = []
         with open(log, "w") as out:
+            # unbuffered: each evaluation shows (and reaches the log) as it happens, so an
+            # interrupted run's rounds can still be read
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
                 cmd, cwd=work / "system", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True,
+                text=True, env=env,
             )  # fmt: skip
             assert proc.stdout is not None
             for line in proc.stdout:
                 out.write(line)
+                out.flush()
                 m = ACCURACY.search(line)
                 if m:
                     accs.append(float(m.group(1)))
