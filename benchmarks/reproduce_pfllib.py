@@ -259,6 +259,13 @@ NOTES = [
     "79.10 at round 20, still climbing about a point a round (75.61 at 16, as on the H200); "
     "with PFLlib's 1.0 it is level with PFLlib (note above). FedBABU's `federation.eval_every=4` "
     "rows now count as protocol rows (see the line above the table).",
+    "- Ninth session, crosschecks of issue 12's gaps. **FedALA dir (1.02 below) is "
+    "rounds**: PFLlib's own code on these clients reaches 96.77 at round 20, still rising "
+    "(83.05 after round 1, 95.94 at 10), against ours 96.64 (85.70, 95.74). **Per-FedAvg "
+    "dir with PFLlib's settings (1.45 below) is rounds**: PFLlib's code (its defaults: both "
+    "step sizes the learning rate, the local procedure run twice) reaches 93.93 at round 19 "
+    "and moves between 91.8 and 93.9 from round 6 on, as ours does (93.65 at round 14, "
+    "91.0-93.7 from round 6); it is itself 1.17 below its published 95.10 after 20 rounds.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
