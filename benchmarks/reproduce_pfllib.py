@@ -265,7 +265,7 @@ NOTES = [
     "dir with PFLlib's settings (1.45 below) is rounds**: PFLlib's code (its defaults: both "
     "step sizes the learning rate, the local procedure run twice) reaches 93.93 at round 19 "
     "and moves between 91.8 and 93.9 from round 6 on, as ours does (93.65 at round 14, "
-    "91.0-93.7 from round 6); it is itself 1.17 below its published 95.10 after 20 rounds.",
+    "90.8-93.7 from round 6); it is itself 1.17 below its published 95.10 after 20 rounds.",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
