@@ -449,8 +449,8 @@ def test_a_client_task_runs_on_a_runtime_built_without_any_server():
 
 @pytest.mark.parametrize("algorithm", ["fedbabu", "fedala", "perfedavg"])
 def test_evaluating_less_often_does_not_change_training(algorithm):
-    """Evaluation keeps no state and draws from its own random streams, so the rounds a run
-    evaluates are the same whether it evaluates every round or every other one (these
+    """Evaluation keeps no state and draws from its own random streams, so a round's metrics
+    are the same whether a run evaluates every round or every other one (these
     algorithms compute at evaluation: FedBABU fine-tunes, FedALA mixes, Per-FedAvg adapts).
     A benchmark row with ``federation.eval_every`` > 1 thus reports a lower bound of the best
     over every round."""
@@ -461,5 +461,4 @@ def test_evaluating_less_often_does_not_change_training(algorithm):
     assert [h.round for h in sparse.history] == [0, 2, 4]
     by_round = {h.round: h.metrics for h in every.history}
     for h in sparse.history:
-        assert h.metrics["test_acc"] == by_round[h.round]["test_acc"]
         assert h.metrics == by_round[h.round]
