@@ -60,17 +60,24 @@ PROTOCOL_FLAGS = [
     "-m", "CNN", "-ncl", "10", "-nc", "20", "-jr", "1", "-lbs", "10", "-ls", "1",
     "-lr", "0.005", "-eg", "1", "-t", "1",
 ]  # fmt: skip
-ACCURACY = re.compile(r"Averaged Test Accuracy: ([0-9.]+)")
+# most servers print "Averaged …"; pFedMe's evaluation of personal models prints "Average …"
+ACCURACY = re.compile(r"Averaged? Test Accuracy: ([0-9.]+)")
 
 # run inside the copied system/ folder, before PFLlib's main.py
 BOOTSTRAP = r"""
 import importlib.util, runpy, sys, types
 import torch
 torch.set_num_threads(int(sys.argv[1]))
+class NoFile:  # h5py.File for servers that write their own results (pFedMe)
+    def __init__(self, *args, **kwargs): pass
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def create_dataset(self, *args, **kwargs): pass
 for name in ("h5py", "cvxpy", "calmsize"):
     if importlib.util.find_spec(name) is None:
         stand_in = sys.modules[name] = types.ModuleType(name)
         stand_in.size = str
+        stand_in.File = NoFile
 import utils.result_utils, utils.mem_utils
 from flcore.servers.serverbase import Server
 from flcore.clients.clientbase import Client
