@@ -266,6 +266,17 @@ NOTES = [
     "step sizes the learning rate, the local procedure run twice) reaches 93.93 at round 19 "
     "and moves between 91.8 and 93.9 from round 6 on, as ours does (93.65 at round 14, "
     "90.8-93.7 from round 6); it is itself 1.17 below its published 95.10 after 20 rounds.",
+    "- Ninth session: **PFLlib's current pFedMe code evaluates the global model, not the "
+    "personal ones**, so it cannot check our pFedMe dir gap (1.85). Its client keeps the "
+    "personal parameters as the list its optimizer's step returns, which is the model's own "
+    "parameters; when the next round's global model is copied into the model the personal "
+    'parameters are that global model, and its "personalized" evaluation (before each '
+    "round's training) scores it. On these clients with `-bt 1 -lam 15` (our defaults) it "
+    "climbs as a global model does: 14.7 after round 1, 57.4 at 10, 65.6 at 20 (FedAvg: "
+    "67.4 at 20), against our personal models' 95.40. The published 97.25 therefore comes "
+    "from other code than today's; our gap stays unverified, most likely rounds "
+    "(93.9 at round 7, 95.40 at 17). (`pfllib_crosscheck.py` now reads pFedMe's output; this "
+    "run predates that fix, so its accuracies are read from its log.)",
     "- The `dir` rows of ditto, fedproto, fedrep and scaffold on CPU dated 2026-11-26 ran "
     "before client train loaders dropped their last incomplete batch (PFLlib's drop_last); "
     "the rest ran with it.",
