@@ -254,8 +254,8 @@ NOTES = [
     "PFLlib's λ = α_K = σ = 1 (our default) gives 94.44 (see the FedAMP module). CPU rows, "
     "two at a time: APPLE 99.35 pat / 97.64 dir (round 19 of 20; PFLlib 99.30 / 97.06). "
     "FedALA 99.14 pat (round 17; PFLlib 99.57) and 96.64 dir (round 20, still rising; PFLlib "
-    "97.66), the dir row's first 7 rounds equal to the H200 row's (94.99 at round 7), about "
-    "40-50 s a round here (FedAvg-like rows: 35-45 s). APFL dir with the paper's alpha 0.5: "
+    "97.66); at round 7 both equal the H200 rows (98.83 pat, 94.99 dir); 41-51 s a round "
+    "here, FedAMP with `lam=0` 36 s. APFL dir with the paper's alpha 0.5: "
     "79.10 at round 20, still climbing about a point a round (75.61 at 16, as on the H200); "
     "with PFLlib's 1.0 it is level with PFLlib (note above). FedBABU's `federation.eval_every=4` "
     "rows now count as protocol rows (see the line above the table).",
