@@ -60,8 +60,9 @@ PROTOCOL_FLAGS = [
     "-m", "CNN", "-ncl", "10", "-nc", "20", "-jr", "1", "-lbs", "10", "-ls", "1",
     "-lr", "0.005", "-eg", "1", "-t", "1",
 ]  # fmt: skip
-# most servers print "Averaged …"; pFedMe's evaluation of personal models prints "Average …"
-ACCURACY = re.compile(r"Averaged? Test Accuracy: ([0-9.]+)")
+# most servers print "Averaged …"; pFedMe's evaluation of personal models prints "Average …";
+# checkouts before mid-2023 spell it "Accurancy"
+ACCURACY = re.compile(r"Averaged? (?:Personalized )?Test Accur?ancy: ([0-9.]+)")
 
 # run inside the copied system/ folder, before PFLlib's main.py
 BOOTSTRAP = r"""
@@ -99,6 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scenario", choices=["pat", "dir"], default="pat")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--flags", default="", help='extra PFLlib flags, e.g. "-lam 0.01 -mu 0.1"')
+    p.add_argument(
+        "--legacy", action="store_true",
+        help="a checkout from before May 2023: class count as -nb, model 'cnn', and pFedMe's "
+        "server evaluating after each round's training (index i = after round i+1)",
+    )  # fmt: skip
+    p.add_argument("--revision", default="", help="the checkout's PFLlib commit, for the table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="PFLlib's -dev")
     p.add_argument("--table", action="store_true", help="only rewrite the markdown table")
@@ -136,14 +143,22 @@ def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
         raise SystemExit(f"--pfllib {args.pfllib}: no system/main.py there (a PFLlib checkout)")
     with tempfile.TemporaryDirectory(prefix="pfllib-crosscheck-") as tmp:
         work = Path(tmp)
-        # "MNIST" in the name makes PFLlib's CNN take 1x28x28 inputs (dim 1024)
-        name = f"ktlFMNIST_{args.scenario}"
+        # "MNIST" in the name makes PFLlib's CNN take 1x28x28 inputs (dim 1024); older
+        # checkouts look for "mnist"
+        name = f"ktlFMNIST_mnist_{args.scenario}" if args.legacy else f"ktlFMNIST_{args.scenario}"
+        flags = list(PROTOCOL_FLAGS)
+        rounds = args.rounds
+        if args.legacy:
+            flags[flags.index("-ncl")] = "-nb"
+            flags[flags.index("CNN")] = "cnn"
+            # its server runs -gr + 1 rounds and evaluates after each one's training
+            rounds = args.rounds - 1
         sizes = export_partition(args.scenario, work / "dataset" / name)
         shutil.copytree(args.pfllib / "system", work / "system")
         cmd = [
             sys.executable, "-W", "ignore", "-c", BOOTSTRAP, str(args.threads),
-            "-data", name, "-algo", args.algorithm, "-gr", str(args.rounds),
-            *PROTOCOL_FLAGS, "-dev", args.device, *args.flags.split(),
+            "-data", name, "-algo", args.algorithm, "-gr", str(rounds),
+            *flags, "-dev", args.device, *args.flags.split(),
         ]  # fmt: skip
         accs: list[float] = []
         with open(log, "w") as out:
@@ -164,7 +179,7 @@ def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
                     print(f"  PFLlib {args.algorithm}/{args.scenario} round {len(accs) - 1}: "
                           f"{accs[-1]:.4f}", flush=True)  # fmt: skip
             rc = proc.wait()
-        if rc != 0 or len(accs) < args.rounds + 1:
+        if rc != 0 or len(accs) < rounds + 1:
             raise SystemExit(
                 f"PFLlib's main.py exited with {rc} after {len(accs)} evaluations; see {log}"
             )
@@ -216,8 +231,9 @@ def write_table(rows: list[dict]) -> None:
             else "not measured | "
         )
         lines.append(
-            f"| {r['algorithm']} | {r['scenario']} | `{r['flags'] or '(defaults)'}` | "
-            f"{r['rounds']} | {100 * accs[best]:.2f} ({best}) | {100 * accs[-1]:.2f} | {mine} | "
+            f"| {r['algorithm']}{' @ ' + r['revision'] if r.get('revision') else ''} | "
+            f"{r['scenario']} | `{r['flags'] or '(defaults)'}` | "
+            f"{r['rounds']} | {100 * accs[best]:.2f} ({best + r.get('first_round', 0)}) | {100 * accs[-1]:.2f} | {mine} | "
             f"{r['seconds_per_round']:.1f} | {r['machine']} {r['date']} |"
         )
     lines += ["", "Per-round accuracies of PFLlib's runs are in `pfllib_crosscheck.json`."]
@@ -235,8 +251,11 @@ def main(argv=None) -> None:
         return
     if args.pfllib is None or args.algorithm is None:
         raise SystemExit("--pfllib and --algorithm are needed (or --table)")
-    key = (args.algorithm, args.scenario, args.rounds, args.flags)
-    if any((r["algorithm"], r["scenario"], r["rounds"], r["flags"]) == key for r in rows):
+    key = (args.algorithm, args.scenario, args.rounds, args.flags, args.legacy)
+    if any(
+        (r["algorithm"], r["scenario"], r["rounds"], r["flags"], r.get("legacy", False)) == key
+        for r in rows
+    ):
         print(f"kept {key}")
         write_table(rows)
         return
@@ -245,7 +264,9 @@ def main(argv=None) -> None:
     log = LOGS / f"{args.algorithm}-{args.scenario}.log"
     t0 = time.perf_counter()
     evaluations, sizes = run_pfllib(args, log)
-    accs = evaluations[: args.rounds + 1]
+    # test_acc[i] is after round i + first_round (0: the initial model)
+    first_round = 1 if args.legacy else 0
+    accs = evaluations[: args.rounds + 1 - first_round]
     import torch
 
     row = {
@@ -254,9 +275,12 @@ def main(argv=None) -> None:
         "scenario": args.scenario,
         "rounds": args.rounds,
         "flags": args.flags,
+        "legacy": args.legacy,
+        "revision": args.revision,
+        "first_round": first_round,
         "test_acc": accs,
         # evaluations after the last round (FedBABU's of its fine-tuned models)
-        "after_training": evaluations[args.rounds + 1 :],
+        "after_training": evaluations[args.rounds + 1 - first_round :],
         "seconds_per_round": (time.perf_counter() - t0) / (args.rounds + 1),
         "partition": sizes,
         "threads": args.threads,
