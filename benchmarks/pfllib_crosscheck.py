@@ -29,6 +29,11 @@ PFLlib seeds torch once (``torch.manual_seed(0)``) and each client again; its da
 comes from torch's global generator, so two runs with the same flags give the same numbers on
 one machine. There is no checkpoint: an interrupted run starts over (finished rows are kept).
 
+Where PFLlib's defaults differ from our paper defaults, ``--ours-set KEY=VALUE`` names our row
+with PFLlib's settings to compare with. ``--legacy`` runs a checkout from before May 2023 (its
+class-count flag and model name differ; its pFedMe evaluated after each round's training), and
+``--from-log`` reads a run's printed output instead of running it again.
+
     python benchmarks/pfllib_crosscheck.py --pfllib ~/src/PFLlib --algorithm GPFL \\
         --scenario pat --rounds 20 --flags="-lam 0.01 -mu 0.1"
     python benchmarks/pfllib_crosscheck.py --table
@@ -62,7 +67,8 @@ PROTOCOL_FLAGS = [
 ]  # fmt: skip
 # most servers print "Averaged …"; pFedMe's evaluation of personal models prints "Average …";
 # checkouts before mid-2023 spell it "Accurancy"
-ACCURACY = re.compile(r"Averaged? (?:Personalized )?Test Accur?ancy: ([0-9.]+)")
+ACCURACY = re.compile(r"Averaged? (?:Personalized )?Test Accur(?:an|a)cy: ([0-9.]+)")
+ROUND_TIME = re.compile(r"-+ time cost -+ ([0-9.]+)")  # printed after each round's training
 
 # run inside the copied system/ folder, before PFLlib's main.py
 BOOTSTRAP = r"""
@@ -97,6 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pfllib", type=Path, help="a PFLlib checkout (holds system/main.py)")
     p.add_argument("--algorithm", help="PFLlib's name of the algorithm (-algo), e.g. GPFL")
     p.add_argument("--ours", help="our algorithm's name (default: the lower-cased PFLlib name)")
+    p.add_argument(
+        "--ours-set", action="append", default=[], metavar="KEY=VALUE",
+        help="compare with our row run with this override (repeatable; in the order of that "
+        "row's overrides), e.g. PFLlib's settings where they differ from the paper's",
+    )  # fmt: skip
     p.add_argument("--scenario", choices=["pat", "dir"], default="pat")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--flags", default="", help='extra PFLlib flags, e.g. "-lam 0.01 -mu 0.1"')
@@ -104,6 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--legacy", action="store_true",
         help="a checkout from before May 2023: class count as -nb, model 'cnn', and pFedMe's "
         "server evaluating after each round's training (index i = after round i+1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--from-log", type=Path,
+        help="read the accuracies from the output of a run already made with these arguments "
+        "(a log a failed or interrupted run left in runs/pfllib_crosscheck/) instead of running",
     )  # fmt: skip
     p.add_argument("--revision", default="", help="the checkout's PFLlib commit, for the table")
     p.add_argument("--threads", type=int, default=1)
@@ -186,6 +202,18 @@ def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
         return accs, sizes
 
 
+def read_log(args: argparse.Namespace, log: Path) -> tuple[list[float], dict, float | None]:
+    """The evaluations and mean seconds per round that PFLlib printed into ``log``."""
+    text = log.read_text()
+    accs = [float(m.group(1)) for m in ACCURACY.finditer(text)]
+    times = [float(m.group(1)) for m in ROUND_TIME.finditer(text)]
+    if len(accs) < args.rounds + 1 - args.legacy:
+        raise SystemExit(f"--from-log {log}: {len(accs)} evaluations, fewer than the rounds asked")
+    with tempfile.TemporaryDirectory(prefix="pfllib-crosscheck-") as tmp:
+        sizes = export_partition(args.scenario, Path(tmp))
+    return accs, sizes, (sum(times) / len(times) if times else None)
+
+
 def gpu_name() -> str:
     import torch
 
@@ -196,11 +224,11 @@ def gpu_name() -> str:
     )
 
 
-def our_row(algorithm: str, scenario: str, rounds: int) -> dict | None:
-    """Our protocol row (no overrides) of this algorithm, scenario and rounds, if measured."""
+def our_row(algorithm: str, scenario: str, rounds: int, overrides=()) -> dict | None:
+    """Our row of this algorithm, scenario, rounds and overrides (none: the protocol's)."""
     for r in load_rows(OURS):
         if (r["algorithm"], r["scenario"], r["rounds"], r["overrides"]) == (
-            algorithm, scenario, rounds, [],
+            algorithm, scenario, rounds, list(overrides),
         ):  # fmt: skip
             return r
     return None
@@ -217,13 +245,13 @@ def write_table(rows: list[dict]) -> None:
         "`pfllib_fmnist.md`.",
         "",
         "| PFLlib algorithm | scenario | flags | rounds | PFLlib's code: best (round) | final "
-        "| ours: best (round) | final | s/round | on |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ours: overrides | best (round) | final | s/round | on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["algorithm"], r["scenario"], r["flags"])):
         accs = r["test_acc"]
         best = max(range(len(accs)), key=lambda i: accs[i])
-        ours = our_row(r["ours"], r["scenario"], r["rounds"])
+        ours = our_row(r["ours"], r["scenario"], r["rounds"], r.get("ours_overrides", []))
         mine = (
             f"{100 * ours['best_test_acc']:.2f} ({ours['best_round']}) | "
             f"{100 * ours['final_test_acc']:.2f}"
@@ -233,8 +261,10 @@ def write_table(rows: list[dict]) -> None:
         lines.append(
             f"| {r['algorithm']}{' @ ' + r['revision'] if r.get('revision') else ''} | "
             f"{r['scenario']} | `{r['flags'] or '(defaults)'}` | "
-            f"{r['rounds']} | {100 * accs[best]:.2f} ({best + r.get('first_round', 0)}) | {100 * accs[-1]:.2f} | {mine} | "
-            f"{r['seconds_per_round']:.1f} | {r['machine']} {r['date']} |"
+            f"{r['rounds']} | {100 * accs[best]:.2f} ({best + r.get('first_round', 0)}) | "
+            f"{100 * accs[-1]:.2f} | {' '.join(r.get('ours_overrides', [])) or '(protocol)'} | "
+            f"{mine} | "
+            f"{r['seconds_per_round'] or float('nan'):.1f} | {r['machine']} {r['date']} |"
         )
     lines += ["", "Per-round accuracies of PFLlib's runs are in `pfllib_crosscheck.json`."]
     md = ROWS.with_suffix(".md")
@@ -263,7 +293,11 @@ def main(argv=None) -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{args.algorithm}-{args.scenario}.log"
     t0 = time.perf_counter()
-    evaluations, sizes = run_pfllib(args, log)
+    if args.from_log is not None:
+        evaluations, sizes, per_round = read_log(args, args.from_log)
+    else:
+        evaluations, sizes = run_pfllib(args, log)
+        per_round = (time.perf_counter() - t0) / (args.rounds + 1)
     # test_acc[i] is after round i + first_round (0: the initial model)
     first_round = 1 if args.legacy else 0
     accs = evaluations[: args.rounds + 1 - first_round]
@@ -275,13 +309,14 @@ def main(argv=None) -> None:
         "scenario": args.scenario,
         "rounds": args.rounds,
         "flags": args.flags,
+        "ours_overrides": args.ours_set,
         "legacy": args.legacy,
         "revision": args.revision,
         "first_round": first_round,
         "test_acc": accs,
         # evaluations after the last round (FedBABU's of its fine-tuned models)
         "after_training": evaluations[args.rounds + 1 - first_round :],
-        "seconds_per_round": (time.perf_counter() - t0) / (args.rounds + 1),
+        "seconds_per_round": per_round,
         "partition": sizes,
         "threads": args.threads,
         "machine": gpu_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)",
