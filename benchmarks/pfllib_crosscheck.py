@@ -192,7 +192,7 @@ def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
                 m = ACCURACY.search(line)
                 if m:
                     accs.append(float(m.group(1)))
-                    print(f"  PFLlib {args.algorithm}/{args.scenario} round {len(accs) - 1}: "
+                    print(f"  PFLlib {args.algorithm}/{args.scenario} round {len(accs) - 1 + args.legacy}: "
                           f"{accs[-1]:.4f}", flush=True)  # fmt: skip
             rc = proc.wait()
         if rc != 0 or len(accs) < rounds + 1:
