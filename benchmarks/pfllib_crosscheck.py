@@ -279,8 +279,8 @@ def main(argv=None) -> None:
     if args.table:
         write_table(rows)
         return
-    if args.pfllib is None or args.algorithm is None:
-        raise SystemExit("--pfllib and --algorithm are needed (or --table)")
+    if args.algorithm is None or (args.pfllib is None and args.from_log is None):
+        raise SystemExit("--algorithm and --pfllib (or --from-log) are needed, or --table")
     key = (args.algorithm, args.scenario, args.rounds, args.flags, args.legacy)
     if any(
         (r["algorithm"], r["scenario"], r["rounds"], r["flags"], r.get("legacy", False)) == key

@@ -106,6 +106,36 @@ def test_crosscheck_hands_pfllib_our_exact_clients_and_reads_its_accuracies(tmp_
     assert len(json.loads((tmp_path / "results" / "cc.json").read_text())) == 1
 
 
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_crosscheck_reads_a_legacy_log_with_its_round_offset(tmp_path, monkeypatch):
+    """A checkout from before May 2023 prints "Accurancy" and evaluates after each round's
+    training: --from-log --legacy reads its output, index i being round i + 1."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import pfllib_crosscheck as cc
+
+    monkeypatch.setattr(cc, "ROWS", tmp_path / "results" / "cc.json")
+    monkeypatch.setattr(cc, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(cc, "LOGS", tmp_path / "logs")
+    accs = [0.5 + 0.02 * r for r in range(20)]
+    accs[7] = 0.99  # the best, after round 8
+    lines = []
+    for r, acc in enumerate(accs):
+        lines += [f"-------------Round number: {r}-------------", "Evaluate personalized model"]
+        lines += [f"Average Test Accurancy: {acc:.4f}", f"{'-' * 25} time cost {'-' * 25} {r + 1}"]
+    log = tmp_path / "pFedMe-dir.log"
+    log.write_text("\n".join(lines) + "\n")
+    args = ["--algorithm", "pFedMe", "--scenario", "dir", "--rounds", "20", "--legacy"]
+    cc.main([*args, "--from-log", str(log), "--revision", "abc1234", "--flags=-bt 1"])
+    (row,) = json.loads((tmp_path / "results" / "cc.json").read_text())
+    assert row["test_acc"] == [round(a, 4) for a in accs] and row["first_round"] == 1
+    assert row["legacy"] and row["seconds_per_round"] == pytest.approx(10.5)
+    table = (tmp_path / "results" / "cc.md").read_text()
+    assert "| pFedMe @ abc1234 | dir | `-bt 1` | 20 | 99.00 (8) | 88.00 | (protocol) |" in table
+    # too few evaluations for the rounds asked: an error, no row
+    with pytest.raises(SystemExit, match="fewer than the rounds"):
+        cc.main([*args, "--from-log", str(log), "--rounds", "30"])
+
+
 CUT_OFF_CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])  # benchmarks/
