@@ -41,7 +41,8 @@ Differences from PFLlib's pFedMe:
   holds the trained local model w: that code (commit 6d6bda4) on the same clients reaches
   96.22% at round 20, still rising, 1.03 below its published 97.25
   (`benchmarks/results/pfllib_crosscheck.md`). Its published figure is thus most likely of w
-  after local training, over more rounds; ours is θ's, as the paper reports.
+  after local training, over more rounds; ours is θ's, as the paper reports (95.91% at round
+  25 of 30).
 - A local epoch here is one pass over the client's batches (the protocol's local epochs, as in
   PFLlib); the paper counts R local rounds of one batch each.
 - A client that has never trained (a held-out new client) has no θ: it is evaluated with the
