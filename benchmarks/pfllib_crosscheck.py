@@ -119,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--from-log", type=Path,
         help="read the accuracies from the output of a run already made with these arguments "
-        "(a log a failed or interrupted run left in runs/pfllib_crosscheck/) instead of running",
+        "(a log a failed or interrupted run left in runs/pfllib_crosscheck/) instead of running; "
+        "the row records this machine and today's date",
     )  # fmt: skip
     p.add_argument("--revision", default="", help="the checkout's PFLlib commit, for the table")
     p.add_argument("--threads", type=int, default=1)
@@ -281,9 +282,11 @@ def main(argv=None) -> None:
         return
     if args.algorithm is None or (args.pfllib is None and args.from_log is None):
         raise SystemExit("--algorithm and --pfllib (or --from-log) are needed, or --table")
-    key = (args.algorithm, args.scenario, args.rounds, args.flags, args.legacy)
+    key = (args.algorithm, args.scenario, args.rounds, args.flags, args.legacy, args.revision)
     if any(
-        (r["algorithm"], r["scenario"], r["rounds"], r["flags"], r.get("legacy", False)) == key
+        (r["algorithm"], r["scenario"], r["rounds"], r["flags"], r.get("legacy", False))
+        + (r.get("revision", ""),)
+        == key
         for r in rows
     ):
         print(f"kept {key}")
