@@ -26,8 +26,9 @@ Differences from PFLlib's APFL:
 - PFLlib's default alpha is 1.0 (``-al``); ours starts at 0.5 (``alpha=1.0`` for PFLlib's).
   On PFLlib's Fashion-MNIST protocol this start decides the first rounds: 1.0 (personal model =
   local model) reaches PFLlib's figures within 16 rounds (97.25 Dir(0.1), 99.18 pathological;
-  97.55 and 99.21 at round 20), 0.5 only 75.6 and 83.0, as half of each personal model is then the global one and alpha
-  climbs at the protocol's small step (benchmarks/results/pfllib_fmnist.md).
+  97.55 and 99.21 at round 20), 0.5 only 75.6 and 83.0, as half of each personal model is
+  then the global one and alpha climbs at the protocol's small step
+  (benchmarks/results/pfllib_fmnist.md).
 - PFLlib's APFL computes its own AUC without the binary-task case and fails on two-class
   datasets; here the engine's metrics are used for every algorithm.
 - A client that has never trained has no v: it is evaluated with the global model, and its v
