@@ -154,6 +154,17 @@ def export_partition(scenario: str, dataset_dir: Path) -> dict:
     return {"clients": fds.num_clients, "train": fds.total_train, "test": fds.total_test}
 
 
+def first_round(args: argparse.Namespace) -> int:
+    """The round after which PFLlib's first evaluation comes: 0 (the initial model) or, for a
+    ``--legacy`` checkout that evaluates after each round's training, 1."""
+    return int(args.legacy)
+
+
+def evaluations(args: argparse.Namespace) -> int:
+    """How many evaluations ``--rounds`` rounds print (more: FedBABU's after training)."""
+    return args.rounds + 1 - first_round(args)
+
+
 def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
     main = args.pfllib / "system" / "main.py"
     if not main.is_file():
@@ -164,12 +175,11 @@ def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
         # checkouts look for "mnist"
         name = f"ktlFMNIST_mnist_{args.scenario}" if args.legacy else f"ktlFMNIST_{args.scenario}"
         flags = list(PROTOCOL_FLAGS)
-        rounds = args.rounds
         if args.legacy:
             flags[flags.index("-ncl")] = "-nb"
             flags[flags.index("CNN")] = "cnn"
-            # its server runs -gr + 1 rounds and evaluates after each one's training
-            rounds = args.rounds - 1
+        # a server runs -gr + 1 rounds; a legacy one evaluates after each one's training
+        rounds = args.rounds - first_round(args)
         sizes = export_partition(args.scenario, work / "dataset" / name)
         shutil.copytree(args.pfllib / "system", work / "system")
         cmd = [
@@ -193,10 +203,11 @@ def run_pfllib(args: argparse.Namespace, log: Path) -> tuple[list[float], dict]:
                 m = ACCURACY.search(line)
                 if m:
                     accs.append(float(m.group(1)))
-                    print(f"  PFLlib {args.algorithm}/{args.scenario} round {len(accs) - 1 + args.legacy}: "
+                    after = len(accs) - 1 + first_round(args)
+                    print(f"  PFLlib {args.algorithm}/{args.scenario} round {after}: "
                           f"{accs[-1]:.4f}", flush=True)  # fmt: skip
             rc = proc.wait()
-        if rc != 0 or len(accs) < rounds + 1:
+        if rc != 0 or len(accs) < evaluations(args):
             raise SystemExit(
                 f"PFLlib's main.py exited with {rc} after {len(accs)} evaluations; see {log}"
             )
@@ -208,7 +219,7 @@ def read_log(args: argparse.Namespace, log: Path) -> tuple[list[float], dict, fl
     text = log.read_text()
     accs = [float(m.group(1)) for m in ACCURACY.finditer(text)]
     times = [float(m.group(1)) for m in ROUND_TIME.finditer(text)]
-    if len(accs) < args.rounds + 1 - args.legacy:
+    if len(accs) < evaluations(args):
         raise SystemExit(f"--from-log {log}: {len(accs)} evaluations, fewer than the rounds asked")
     with tempfile.TemporaryDirectory(prefix="pfllib-crosscheck-") as tmp:
         sizes = export_partition(args.scenario, Path(tmp))
@@ -297,13 +308,12 @@ def main(argv=None) -> None:
     log = LOGS / f"{args.algorithm}-{args.scenario}.log"
     t0 = time.perf_counter()
     if args.from_log is not None:
-        evaluations, sizes, per_round = read_log(args, args.from_log)
+        found, sizes, per_round = read_log(args, args.from_log)
     else:
-        evaluations, sizes = run_pfllib(args, log)
-        per_round = (time.perf_counter() - t0) / (args.rounds + 1)
+        found, sizes = run_pfllib(args, log)
+        per_round = (time.perf_counter() - t0) / evaluations(args)
     # test_acc[i] is after round i + first_round (0: the initial model)
-    first_round = 1 if args.legacy else 0
-    accs = evaluations[: args.rounds + 1 - first_round]
+    accs, after_training = found[: evaluations(args)], found[evaluations(args) :]
     import torch
 
     row = {
@@ -315,10 +325,10 @@ def main(argv=None) -> None:
         "ours_overrides": args.ours_set,
         "legacy": args.legacy,
         "revision": args.revision,
-        "first_round": first_round,
+        "first_round": first_round(args),
         "test_acc": accs,
         # evaluations after the last round (FedBABU's of its fine-tuned models)
-        "after_training": evaluations[args.rounds + 1 - first_round :],
+        "after_training": after_training,
         "seconds_per_round": per_round,
         "partition": sizes,
         "threads": args.threads,

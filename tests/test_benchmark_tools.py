@@ -135,6 +135,34 @@ def test_crosscheck_reads_a_legacy_log_with_its_round_offset(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="fewer than the rounds"):
         cc.main([*args, "--from-log", str(log), "--rounds", "30"])
 
+    # run against a legacy checkout: its flags, and -gr one less (it evaluates after training)
+    checkout = tmp_path / "PFLlib-2023"
+    (checkout / "system").mkdir(parents=True)
+    (checkout / "system" / "main.py").write_text(LEGACY_MAIN)
+    for rel, text in STUBS.items():
+        (checkout / "system" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / "system" / rel).write_text(text)
+    cc.main([*args, "--pfllib", str(checkout), "--rounds", "5", "--revision", "old"])
+    row = json.loads((tmp_path / "results" / "cc.json").read_text())[-1]
+    assert row["test_acc"] == [0.1, 0.2, 0.3, 0.4, 0.5] and row["first_round"] == 1
+    assert row["after_training"] == []  # -gr 4: five rounds, not six
+    assert (
+        "| pFedMe @ old | dir | `(defaults)` | 5 | 50.00 (5) | 50.00 |"
+        in (tmp_path / "results" / "cc.md").read_text()
+    )
+
+
+# a checkout from before May 2023: "-nb" for the class count, model "cnn", "mnist" looked up
+# in the dataset name, and pFedMe's evaluations after each of its -gr + 1 rounds
+LEGACY_MAIN = r"""
+import sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+assert args["-nb"] == "10" and args["-m"] == "cnn" and "mnist" in args["-data"], args
+assert "-ncl" not in args
+for r in range(int(args["-gr"]) + 1):
+    print(f"Average Test Accurancy: {(r + 1) / 10:.4f}", flush=True)
+"""
+
 
 CUT_OFF_CHILD = r"""
 import json, sys
